@@ -1,0 +1,1 @@
+"""Synthetic-data baselines (DatasetGAN / DatasetDDPM with DeepLabV3); filled by later issues."""

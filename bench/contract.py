@@ -1,0 +1,159 @@
+"""The backbone plugin contract.
+
+A backbone turns a batch of uint8 RGB images into a list of feature maps at their native resolution.
+Everything downstream (feature cache, pixel sampler, probe, metrics) is shared, so a backbone file only
+declares *what* it computes:
+
+- ``weights``: a table of :class:`Weights` (tag -> url, sha256, domain, license, architecture, the
+  paper's mIoU) kept as data next to the code, in the spirit of torchvision's weight enums;
+- ``feature_info``: one :class:`FeatureInfo` per output map, in output order;
+- ``preprocess``: uint8 ``[B, 3, H, W]`` -> model input;
+- ``forward_features``: model input -> ``list[Tensor[B, C_i, H_i, W_i]]`` (no upsampling);
+- ``tiny``: constructor arguments for a tiny random-init variant, used by the contract test.
+
+Importing this module does not import torch: plugin modules stay cheap to import (``bench ls``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+
+from bench.errors import BenchError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One output map of a backbone.
+
+    Example:
+        >>> FeatureInfo(name="t50.block5", channels=1024, stride=8)
+        FeatureInfo(name='t50.block5', channels=1024, stride=8)
+    """
+
+    name: str
+    channels: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A pretrained checkpoint declared as data.
+
+    ``url`` lists mirrors in order of preference; ``sha256`` is empty until known and verified
+    whenever set; ``file`` names a checkpoint shipped inside the repository (relative to the plugin
+    module). ``paper_miou`` maps dataset names to the paper's (mean, std) mIoU in percent.
+
+    Example:
+        >>> w = Weights(tag="lsun_cat", url=("https://example.org/lsun_cat.pt",), domain="lsun_cat")
+        >>> w.tag, w.domain
+        ('lsun_cat', 'lsun_cat')
+    """
+
+    tag: str
+    url: tuple[str, ...] = ()
+    sha256: str = ""
+    domain: str = ""
+    license: str = ""
+    arch: Mapping[str, Any] = field(default_factory=dict)
+    paper_miou: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    file: str = ""
+    description: str = ""
+
+
+class Backbone:
+    """Base class of every backbone plugin.
+
+    Subclasses are registered with :func:`bench.register_backbone` and built with
+    :func:`bench.create_backbone`. The constructor receives ``tag`` (a key of ``weights`` or None),
+    ``pretrained`` (False: random init, no download), ``device`` and the plugin's own keyword
+    arguments (layers, timesteps, ...), and must reject invalid ones with a :class:`BenchError`.
+
+    Example:
+        >>> import bench
+        >>> bb = bench.create_backbone("pixels")
+        >>> [f.channels for f in bb.feature_info]
+        [5]
+    """
+
+    #: registered name and aliases (set by ``register_backbone``)
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: tag -> Weights; empty for backbones that need no weights
+    weights: ClassVar[Mapping[str, Weights]] = {}
+    #: tag used when neither the user nor the dataset domain picks one
+    default_tag: ClassVar[str | None] = None
+    #: constructor kwargs of a tiny random-init variant for tests
+    tiny: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, *, tag: str | None = None, pretrained: bool = True, device: str = "cpu") -> None:
+        if tag is None:
+            tag = self.default_tag
+        if self.weights and tag not in self.weights:
+            raise BenchError(
+                f"backbone {self.name!r} has no weights tag {tag!r}; known tags: {', '.join(self.weights)}"
+            )
+        self.tag = tag
+        self.pretrained = pretrained
+        self.device = device
+
+    # ---- what a plugin must provide -------------------------------------------------------------
+    @property
+    def feature_info(self) -> Sequence[FeatureInfo]:
+        """The output maps, in the order ``forward_features`` returns them."""
+        raise NotImplementedError
+
+    def preprocess(self, images: "torch.Tensor") -> "torch.Tensor":
+        """uint8 ``[B, 3, H, W]`` -> the model's input tensor on ``self.device``."""
+        raise NotImplementedError
+
+    def forward_features(self, x: "torch.Tensor") -> list["torch.Tensor"]:
+        """Model input -> native-resolution maps ``[B, C_i, H/stride_i, W/stride_i]``."""
+        raise NotImplementedError
+
+    # ---- shared behaviour -----------------------------------------------------------------------
+    @property
+    def num_features(self) -> int:
+        """Channels per pixel after upsampling and concatenation."""
+        return sum(f.channels for f in self.feature_info)
+
+    @property
+    def weights_entry(self) -> Weights | None:
+        """The :class:`Weights` of the current tag, if any."""
+        return self.weights.get(self.tag) if self.tag is not None else None
+
+    def weights_sha256(self) -> str:
+        """sha256 of the loaded weights ('' when random or unknown); part of the feature-cache key."""
+        return getattr(self, "_weights_sha256", "")
+
+    def config(self) -> dict[str, Any]:
+        """Everything that determines the features (JSON-serialisable); part of the cache key.
+
+        Plugins extend it with their layers, timesteps, noise seed, ...
+        """
+        return {
+            "backbone": self.name,
+            "tag": self.tag,
+            "pretrained": self.pretrained,
+            "weights_sha256": self.weights_sha256(),
+            "feature_info": [[f.name, f.channels, f.stride] for f in self.feature_info],
+        }
+
+    def extract(self, images: "torch.Tensor") -> list["torch.Tensor"]:
+        """uint8 images -> native maps, without autograd.
+
+        Example:
+            >>> import torch, bench
+            >>> bb = bench.create_backbone("pixels")
+            >>> [m.shape for m in bb.extract(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))]
+            [torch.Size([1, 5, 8, 8])]
+        """
+        import torch
+
+        with torch.inference_mode():
+            return self.forward_features(self.preprocess(images))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, tag={self.tag!r}, features={self.num_features})"

@@ -1,0 +1,170 @@
+"""Backbone registry: built-ins from ``backbones/``, third parties through entry points.
+
+Built-in plugins are the public modules of the ``backbones`` package; each registers its classes
+with :func:`register_backbone` when imported. Third-party packages declare an entry point in the
+group ``bench.backbones`` (``name = "pkg.module:Class"``); those are imported only when a name is
+looked up or listed, and not at all when ``BENCH_DISABLE_PLUGIN_AUTOLOAD=1``.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import os
+import pkgutil
+from importlib.metadata import entry_points
+from typing import Any, Callable, TypeVar
+
+from bench.contract import Backbone
+from bench.errors import RegistryError
+
+ENTRY_POINT_GROUP = "bench.backbones"
+AUTOLOAD_SWITCH = "BENCH_DISABLE_PLUGIN_AUTOLOAD"
+
+_REGISTRY: dict[str, type[Backbone]] = {}  # canonical name -> class
+_ALIASES: dict[str, str] = {}  # alias -> canonical name
+_state = {"builtins": False, "entry_points": False}
+
+B = TypeVar("B", bound=type[Backbone])
+
+
+def _origin(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_backbone(name: str, *aliases: str) -> Callable[[B], B]:
+    """Class decorator: register a :class:`bench.Backbone` subclass under ``name`` and ``aliases``.
+
+    Example:
+        >>> import bench
+        >>> @bench.register_backbone("doc_example_backbone")
+        ... class Mine(bench.Backbone):
+        ...     pass
+        >>> "doc_example_backbone" in bench.list_backbones()
+        True
+    """
+
+    def wrap(cls: B) -> B:
+        if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+            raise RegistryError(f"@register_backbone({name!r}) needs a subclass of bench.Backbone, got {cls!r}")
+        for key in (name, *aliases):
+            owner = _REGISTRY.get(key) or _REGISTRY.get(_ALIASES.get(key, ""))
+            if owner is not None and owner is not cls:
+                raise RegistryError(
+                    f"backbone name {key!r} is registered twice: by {_origin(owner)} and by {_origin(cls)}"
+                )
+        cls.name = name
+        cls.aliases = tuple(aliases)
+        _REGISTRY[name] = cls
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return cls
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    if _state["builtins"]:
+        return
+    _state["builtins"] = True
+    import backbones
+
+    for info in pkgutil.iter_modules(backbones.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"backbones.{info.name}")
+
+
+def _plugin_entry_points() -> list[Any]:
+    if os.environ.get(AUTOLOAD_SWITCH, "").strip().lower() in {"1", "true", "yes"}:
+        return []
+    return list(entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _load_entry_point(ep: Any) -> None:
+    try:
+        obj = ep.load()
+    except Exception as exc:  # a broken third-party plugin must not hide the others
+        raise RegistryError(f"backbone plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
+    if isinstance(obj, type) and issubclass(obj, Backbone) and obj not in _REGISTRY.values():
+        register_backbone(ep.name)(obj)
+
+
+def _load_all_entry_points() -> None:
+    if _state["entry_points"]:
+        return
+    _state["entry_points"] = True
+    for ep in _plugin_entry_points():
+        if ep.name not in _REGISTRY and ep.name not in _ALIASES:
+            _load_entry_point(ep)
+
+
+def _lookup(name: str) -> type[Backbone]:
+    _load_builtins()
+    key = _ALIASES.get(name, name)
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    # Lazy: import only the entry point that carries this name before loading every plugin.
+    for ep in _plugin_entry_points():
+        if ep.name == name:
+            _load_entry_point(ep)
+            return _REGISTRY[_ALIASES.get(name, name)]
+    _load_all_entry_points()
+    key = _ALIASES.get(name, name)
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    known = sorted(set(_REGISTRY) | set(_ALIASES))
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise RegistryError(f"unknown backbone {name!r}{hint} (known: {', '.join(sorted(_REGISTRY))})")
+
+
+def get_backbone_class(name: str) -> type[Backbone]:
+    """The class registered under ``name`` (or an alias); ``arch.tag`` names are accepted.
+
+    Example:
+        >>> get_backbone_class("pixels").name
+        'pixels'
+    """
+    arch = name.split(".", 1)[0]
+    return _lookup(arch)
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Sorted canonical names of the registered backbones matching a shell-style pattern.
+
+    Example:
+        >>> "pixels" in list_backbones("pix*")
+        True
+    """
+    _load_builtins()
+    _load_all_entry_points()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"ddpm.lsun_cat"`` -> ``("ddpm", "lsun_cat")``; ``"ddpm"`` -> ``("ddpm", None)``.
+
+    Example:
+        >>> split_name("ddpm.lsun_cat")
+        ('ddpm', 'lsun_cat')
+    """
+    arch, _, tag = name.partition(".")
+    return arch, (tag or None)
+
+
+def create_backbone(name: str, *, pretrained: bool = True, device: str = "cpu", **kwargs: Any) -> Backbone:
+    """Build a backbone by name (``arch`` or ``arch.tag``).
+
+    ``pretrained=False`` builds the tag's architecture with random weights and downloads nothing.
+    Extra keyword arguments go to the plugin (layers, timesteps, seed, checkpoint path, ...).
+
+    Example:
+        >>> bb = create_backbone("pixels")
+        >>> bb.num_features
+        5
+    """
+    arch, tag = split_name(name)
+    cls = _lookup(arch)
+    if tag is not None:
+        kwargs["tag"] = tag
+    return cls(pretrained=pretrained, device=device, **kwargs)
