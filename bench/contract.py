@@ -113,6 +113,11 @@ class Backbone:
         """Model input -> native-resolution maps ``[B, C_i, H/stride_i, W/stride_i]``."""
         raise NotImplementedError
 
+    @property
+    def input_size(self) -> int | None:
+        """The square input size the model needs, or None when any size works."""
+        return None
+
     # ---- shared behaviour -----------------------------------------------------------------------
     @property
     def num_features(self) -> int:

@@ -1,0 +1,269 @@
+"""The ``bench`` command line: ls, run, report, download, check, pretrain.
+
+A user's mistake (a wrong name, a missing file, a bad value) prints one ``bench: error: ...`` line
+and exits with status 2; tracebacks are for bugs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.errors import BenchError
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes a comma list of integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds is empty")
+    return seeds
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["blocks=5,6", "fp16=true", "arch={...}"]`` -> plugin keyword arguments.
+
+    Values are read as JSON when they parse (numbers, booleans, objects, lists); a comma list of
+    numbers becomes a list; anything else stays a string.
+
+    Example:
+        >>> parse_options(["blocks=5,6", "seed=3", "name=x"])
+        {'blocks': [5, 6], 'seed': 3, 'name': 'x'}
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--set expects key=value, got {pair!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            try:
+                value = [json.loads(v) for v in raw.split(",")] if "," in raw else raw
+            except json.JSONDecodeError:
+                value = raw
+        out[key] = value
+    return out
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    if args.what == "datasets":
+        from bench.data import list_cards
+
+        cards = list_cards()
+        if args.json:
+            print(json.dumps([c.to_json() for c in cards], indent=1))
+            return 0
+        print(f"{'name':16} {'aliases':28} {'K':>3} {'ignore':>6} {'mIoU over':>9} {'train':>5} {'test':>5}  domain")
+        for c in cards:
+            print(f"{c.name:16} {', '.join(c.aliases)[:28]:28} {c.num_classes:3d} {c.ignore_label:6d} "
+                  f"{len(c.miou_class_ids):9d} {c.train:5d} {c.test:5d}  {c.domain}")
+        return 0
+    from bench.registry import get_backbone_class, list_backbones
+
+    rows = []
+    for name in list_backbones():
+        cls = get_backbone_class(name)
+        rows.append({
+            "name": name, "aliases": list(cls.aliases), "tags": list(cls.weights),
+            "default_tag": cls.default_tag, "module": cls.__module__,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'name':12} {'tags':52} module")
+    for r in rows:
+        print(f"{r['name']:12} {', '.join(r['tags']) or '-':52} {r['module']}")
+    return 0
+
+
+def _run_specs(args: argparse.Namespace) -> list:
+    from bench.runner import RunSpec
+
+    options = parse_options(args.set or [])
+    if args.weights:
+        options["checkpoint"] = args.weights
+    backbones = [b for b in args.backbone.split(",") if b]
+    pretrained = [args.pretrained] if not args.random_controls else [True, False]
+    return [
+        RunSpec(
+            backbone=b, dataset=args.dataset, seed=s, pretrained=p, split=args.split,
+            backbone_kwargs=options, device=args.device, max_memory_gb=args.max_memory,
+            out=Path(args.out), progress=not args.no_progress, name=args.name or "",
+        )
+        for b in backbones for p in pretrained for s in (args.seeds if args.split == "resplit" else [0])
+        # a backbone without weights has no random-init control distinct from itself
+        if p or _has_weights(b)
+    ]
+
+
+def _has_weights(name: str) -> bool:
+    from bench.registry import get_backbone_class
+
+    return bool(get_backbone_class(name).weights)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench import report, runner
+
+    specs = _run_specs(args)
+    for i, spec in enumerate(specs, 1):
+        tag = "random init" if not spec.pretrained else "pretrained"
+        print(f"[{i}/{len(specs)}] {spec.backbone} ({tag}) on {spec.dataset}, seed {spec.seed}", file=sys.stderr)
+        result = runner.run(spec)
+        print(f"    mIoU official {100 * result['miou']['official']:.2f}  standard "
+              f"{100 * result['miou']['standard']:.2f}", file=sys.stderr)
+    print(report.render(Path(args.out), "md"))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench import report
+
+    text = report.render(Path(args.out), args.format, args.variant)
+    if args.output:
+        from bench.results import write_text_atomic
+
+        write_text_atomic(Path(args.output), text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    if not args.dataset and not args.backbone:
+        raise BenchError("bench download needs --dataset NAME and/or --backbone NAME[.TAG]")
+    if args.dataset:
+        from bench.data import download_dataset, get_card
+
+        print(download_dataset(get_card(args.dataset), progress=not args.no_progress))
+    if args.backbone:
+        from bench.registry import create_backbone
+
+        backbone = create_backbone(args.backbone, pretrained=True, device="cpu")
+        print(f"{args.backbone}: weights sha256 {backbone.weights_sha256() or '(none)'}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bench.check import check_backbone
+
+    for line in check_backbone(args.backbone, evaluate=not args.no_eval, out=Path(args.out) if args.out else None):
+        print(line)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from bench.data import unlabeled_images
+    from bench.registry import get_backbone_class
+
+    cls = get_backbone_class(args.backbone)
+    if not hasattr(cls, "pretrain"):
+        raise BenchError(f"backbone {cls.name!r} has no pretraining recipe (bench pretrain supports plugins with .pretrain)")
+    options = parse_options(args.set or [])
+    path = cls.pretrain(
+        images=unlabeled_images(args.dataset), out_dir=Path(args.out), steps=args.steps,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, **options,
+    )
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bench`` command.
+
+    Example:
+        >>> build_parser().parse_args(["ls", "datasets"]).what
+        'datasets'
+    """
+    p = argparse.ArgumentParser(prog="bench", description="Few-shot semantic segmentation benchmark harness.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("ls", help="list backbones or datasets")
+    ls.add_argument("what", choices=["backbones", "datasets"])
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_ls)
+
+    run = sub.add_parser("run", help="run backbone(s) on a dataset over seeds and print the table")
+    run.add_argument("--backbone", required=True, help="name, name.tag, or a comma list")
+    run.add_argument("--dataset", default="demo", help="card name/alias or a folder with card.json (default: demo)")
+    run.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3, 4], help="comma list (default 0,1,2,3,4)")
+    run.add_argument("--split", choices=["resplit", "released"], default="resplit",
+                     help="resplit: pool train+test and re-split from each seed; released: the released folders")
+    run.add_argument("--pretrained", type=_bool, default=True, help="false: random weights, an honest control")
+    run.add_argument("--random-controls", action="store_true", help="also run each backbone with random weights")
+    run.add_argument("--weights", help="a local checkpoint file (plugin argument checkpoint=PATH)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="plugin argument, e.g. blocks=5,6,7")
+    run.add_argument("--name", help="row label in reports (default: the backbone name)")
+    run.add_argument("--out", default="reports", help="results root (default: reports/)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    run.add_argument("--max-memory", type=float, default=4.0, metavar="GB",
+                     help="memory ceiling for the probe stage, GiB (default 4)")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="collate results into the paper's Table 2 shape")
+    rep.add_argument("--out", default="reports", help="results root (default: reports/)")
+    rep.add_argument("--format", choices=["md", "csv", "latex"], default="md")
+    rep.add_argument("--variant", choices=["official", "standard"], default="official")
+    rep.add_argument("--output", help="write to this file instead of stdout")
+    rep.set_defaults(func=cmd_report)
+
+    dl = sub.add_parser("download", help="download a dataset and/or a backbone's weights into the cache")
+    dl.add_argument("--dataset")
+    dl.add_argument("--backbone")
+    dl.add_argument("--no-progress", action="store_true")
+    dl.set_defaults(func=cmd_download)
+
+    chk = sub.add_parser("check", help="run the plugin contract and a 4-image evaluation for a backbone")
+    chk.add_argument("--backbone", required=True)
+    chk.add_argument("--no-eval", action="store_true", help="contract only")
+    chk.add_argument("--out", help="where the evaluation writes (default: a temporary folder)")
+    chk.set_defaults(func=cmd_check)
+
+    pre = sub.add_parser("pretrain", help="pretrain a backbone on a dataset's unlabeled images")
+    pre.add_argument("backbone")
+    pre.add_argument("--dataset", required=True, help="card name/alias or a folder of images")
+    pre.add_argument("--out", required=True, help="output folder (resumes if it holds a training state)")
+    pre.add_argument("--steps", type=int, default=10000)
+    pre.add_argument("--batch-size", type=int, default=16)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--device", default="cpu")
+    pre.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. num_channels=64 or lr=2e-4")
+    pre.set_defaults(func=cmd_pretrain)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bench`` console script.
+
+    Example:
+        >>> main(["ls", "backbones"])  # doctest: +SKIP
+        0
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; finished runs are kept and the rest resumes on the next call", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Native-resolution feature maps: dense upsampling, the pixel sampler and the on-disk feature store.
+
+The official pipeline upsamples every map to the image size and concatenates them into a
+``[N, C, H, W]`` float32 tensor (88.6 GB for Bedroom-28). We keep the maps at their native resolution
+(fp16, channels-last, on disk) and compute a pixel's feature vector only when it is needed, by
+bilinear sampling of each native map at that pixel. With ``align_corners=False`` this gives exactly
+the values of upsample-then-index (``tests/test_features.py`` proves it), so nothing downstream
+changes, but memory is bounded by how many pixels are asked for at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.errors import BenchError
+
+
+def upsample_concat(maps: Sequence[torch.Tensor], size: int | tuple[int, int]) -> torch.Tensor:
+    """Upsample each ``[B, C_i, h_i, w_i]`` map to ``size`` (bilinear, align_corners=False, no
+    antialias) and concatenate along channels, in list order: ``[B, sum C_i, H, W]`` float32.
+
+    This is the official "collect features" step, for users who want dense features.
+
+    Example:
+        >>> maps = [torch.zeros(1, 2, 4, 4), torch.ones(1, 3, 8, 8)]
+        >>> upsample_concat(maps, 8).shape
+        torch.Size([1, 5, 8, 8])
+    """
+    if isinstance(size, int):
+        size = (size, size)
+    return torch.cat(
+        [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps], dim=1
+    )
+
+
+def _source_index(dst: torch.Tensor, in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Neighbour rows and weight for bilinear upsampling ``in_size -> out_size`` at ``dst`` positions.
+
+    Same arithmetic as torch's ``upsample_bilinear2d`` with align_corners=False: the source
+    coordinate of output pixel ``d`` is ``(d + 0.5) * in/out - 0.5``, clamped at 0.
+    """
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    src = ((dst.to(torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)
+    lo = src.to(torch.int64)
+    hi = torch.clamp(lo + 1, max=in_size - 1)
+    return lo, hi, src - lo
+
+
+def sample_maps(maps: Sequence[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
+    """Features of pixels ``(ys, xs)`` of a ``size x size`` image from channels-last native maps.
+
+    ``maps[i]`` is ``[h_i, w_i, C_i]`` (any float dtype, e.g. an fp16 memmap-backed tensor); the result
+    is ``[n, sum C_i]`` float32 and equals ``upsample_concat`` followed by indexing at those pixels.
+
+    Example:
+        >>> m = torch.arange(4.).reshape(2, 2, 1)
+        >>> sample_maps([m], torch.tensor([0, 3]), torch.tensor([0, 3]), 4).flatten().tolist()
+        [0.0, 3.0]
+    """
+    out = torch.empty(len(ys), sum(int(m.shape[-1]) for m in maps), dtype=torch.float32)
+    offset = 0
+    for m in maps:
+        h, w, c = (int(s) for s in m.shape)
+        y0, y1, wy = _source_index(ys, h, size)
+        x0, x1, wx = _source_index(xs, w, size)
+        wy, wx = wy[:, None], wx[:, None]
+        # Same order of operations as torch's kernel: (1-wy)*((1-wx)*a + wx*b) + wy*((1-wx)*c + wx*d)
+        top = (1 - wx) * m[y0, x0].float() + wx * m[y0, x1].float()
+        bottom = (1 - wx) * m[y1, x0].float() + wx * m[y1, x1].float()
+        out[:, offset : offset + c] = (1 - wy) * top + wy * bottom
+        offset += c
+    return out
+
+
+def _atomic_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+class FeatureStore:
+    """Native maps of one backbone configuration, cached on disk in fp16, channels-last.
+
+    Layout: ``root/<backbone>/<key>/<image-hash>/m<i>.npy`` where ``key`` hashes the backbone's
+    ``config()`` (name, weights sha256, layers, timesteps, noise seed, ...) and the image size, and
+    ``config.json`` records it. Each image folder is written to a temporary name and renamed, so an
+    interrupted extraction leaves no half-written entry and simply resumes.
+
+    Example:
+        >>> import tempfile, bench
+        >>> bb = bench.create_backbone("pixels")
+        >>> store = FeatureStore(tempfile.mkdtemp(), bb.config(), image_size=8)
+        >>> store.has("img0")
+        False
+    """
+
+    def __init__(self, root: str | Path, config: dict, image_size: int) -> None:
+        self.config = {**config, "image_size": image_size}
+        blob = json.dumps(self.config, sort_keys=True, default=str).encode()
+        self.key = hashlib.sha256(blob).hexdigest()[:20]
+        self.image_size = image_size
+        self.folder = Path(root) / str(config.get("backbone", "backbone")) / self.key
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self.folder / "config.json"
+        if not meta.exists():
+            tmp = meta.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.config, indent=1, sort_keys=True, default=str))
+            os.replace(tmp, meta)
+
+    def _image_dir(self, image_id: str) -> Path:
+        return self.folder / hashlib.sha1(image_id.encode()).hexdigest()[:24]
+
+    def has(self, image_id: str) -> bool:
+        """Whether the maps of ``image_id`` are cached."""
+        return (self._image_dir(image_id) / "done").exists()
+
+    def put(self, image_id: str, maps: Sequence[torch.Tensor]) -> None:
+        """Store one image's maps (``[C, h, w]`` each) as fp16 channels-last, atomically."""
+        final = self._image_dir(image_id)
+        tmp = _atomic_dir(final)
+        try:
+            for i, m in enumerate(maps):
+                arr = m.detach().to("cpu", torch.float16).permute(1, 2, 0).contiguous().numpy()
+                np.save(tmp / f"m{i}.npy", arr)
+            (tmp / "done").write_text(image_id)
+            if final.exists():  # a concurrent writer finished first: keep theirs
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def load(self, image_id: str, *, mmap: bool = False) -> list[torch.Tensor]:
+        """The cached maps of ``image_id`` as ``[h, w, C]`` fp16 tensors (memory-mapped if ``mmap``)."""
+        folder = self._image_dir(image_id)
+        if not (folder / "done").exists():
+            raise BenchError(f"no cached features for image {image_id!r} in {self.folder}")
+        files = sorted(folder.glob("m*.npy"), key=lambda p: int(p.stem[1:]))
+        # Copy-on-write mappings ("c"): torch wants writable arrays, and we never write, so no page
+        # is ever copied; the file on disk cannot be modified through them.
+        return [torch.from_numpy(np.load(f, mmap_mode="c" if mmap else None)) for f in files]
+
+    def ensure(
+        self,
+        image_ids: Sequence[str],
+        load_images: Callable[[Sequence[str]], torch.Tensor],
+        extract: Callable[[torch.Tensor], list[torch.Tensor]],
+        *,
+        batch_size: int = 4,
+        progress: bool = True,
+        desc: str = "features",
+    ) -> None:
+        """Compute and cache the maps of every image not cached yet, ``batch_size`` at a time.
+
+        ``load_images(ids) -> uint8 [B, 3, H, W]``; ``extract(images) -> list of [B, C, h, w]``.
+        """
+        from tqdm.auto import tqdm
+
+        todo = [i for i in dict.fromkeys(image_ids) if not self.has(i)]
+        with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo) as bar:
+            for start in range(0, len(todo), batch_size):
+                ids = todo[start : start + batch_size]
+                maps = extract(load_images(ids))
+                for b, image_id in enumerate(ids):
+                    self.put(image_id, [m[b] for m in maps])
+                bar.update(len(ids))
+
+
+@dataclass
+class PixelIndex:
+    """Which pixels of which images form the training set (the ``[N*H*W]`` index, never the features)."""
+
+    image: torch.Tensor  # int32 [n] position in ``image_ids``
+    y: torch.Tensor  # int64 [n]
+    x: torch.Tensor  # int64 [n]
+    labels: torch.Tensor  # int64 [n]
+
+
+def build_pixel_index(labels: Iterable[np.ndarray], ignore_label: int) -> PixelIndex:
+    """Keep every pixel whose (training) label is not ``ignore_label``; all of them, no subsampling.
+
+    Example:
+        >>> idx = build_pixel_index([np.array([[0, 255], [1, 1]])], ignore_label=255)
+        >>> idx.labels.tolist(), idx.y.tolist(), idx.x.tolist()
+        ([0, 1, 1], [0, 1, 1], [0, 0, 1])
+    """
+    parts = []
+    for i, lab in enumerate(labels):
+        ys, xs = np.nonzero(lab != ignore_label)
+        parts.append((np.full(len(ys), i, dtype=np.int32), ys, xs, lab[ys, xs]))
+    if not parts:
+        raise BenchError("no training images")
+    cat = [np.concatenate(p) for p in zip(*parts)]
+    if len(cat[0]) == 0:
+        raise BenchError("the training images have no labelled pixels (every pixel is the ignore label)")
+    return PixelIndex(
+        image=torch.from_numpy(cat[0]),
+        y=torch.from_numpy(cat[1].astype(np.int64)),
+        x=torch.from_numpy(cat[2].astype(np.int64)),
+        labels=torch.from_numpy(cat[3].astype(np.int64)),
+    )
+
+
+class StreamedPixels:
+    """A probe ``PixelSource`` that samples pixel features from the cached native maps on demand.
+
+    Nothing of size ``[N*H*W, C]`` exists: a batch of pixel indices is grouped by image and each
+    group is bilinearly sampled from that image's memory-mapped fp16 maps. The maps are re-mapped
+    every ``refresh_every`` gathers so that the pages they touched leave the process's resident set
+    (the OS page cache keeps them warm): resident memory stays bounded, whatever the number of images.
+
+    Example:
+        >>> # see tests/test_features.py::test_streamed_pixels_equal_dense_upsample
+    """
+
+    def __init__(self, store: FeatureStore, image_ids: Sequence[str], index: PixelIndex, *, refresh_every: int = 64) -> None:
+        self.store, self.image_ids, self.index = store, list(image_ids), index
+        self.labels = index.labels
+        self.num_pixels = len(index.labels)
+        self.refresh_every = max(1, refresh_every)
+        self._maps: dict[int, list[torch.Tensor]] = {}
+        self._calls = 0
+        first = store.load(self.image_ids[0], mmap=True)
+        self.dim = sum(int(m.shape[-1]) for m in first)
+
+    def _image_maps(self, i: int) -> list[torch.Tensor]:
+        if i not in self._maps:
+            self._maps[i] = self.store.load(self.image_ids[i], mmap=True)
+        return self._maps[i]
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """int64 ``[n]`` pixel indices -> float32 ``[n, dim]`` features."""
+        self._calls += 1
+        if self._calls % self.refresh_every == 0:
+            self._maps.clear()  # drop the mappings; resident pages go with them
+        img = self.index.image[index]
+        out = torch.empty(len(index), self.dim, dtype=torch.float32)
+        order = torch.argsort(img, stable=True)
+        sorted_img = img[order]
+        uniq, counts = torch.unique_consecutive(sorted_img, return_counts=True)
+        start = 0
+        for i, n in zip(uniq.tolist(), counts.tolist()):
+            rows = order[start : start + n]
+            pix = index[rows]
+            out[rows] = sample_maps(self._image_maps(i), self.index.y[pix], self.index.x[pix], self.store.image_size)
+            start += n
+        return out
+
+
+class DensePixels:
+    """A probe ``PixelSource`` holding the kept training pixels' features in RAM (float32).
+
+    Used only when ``dense_bytes(num_pixels, dim)`` fits the memory budget: then every gather is one
+    index operation, much faster than sampling the native maps. The rows are computed by the same
+    sampler from the same fp16 maps, so both sources feed the probe bit-identical features.
+
+    Example:
+        >>> # see tests/test_features.py::test_dense_and_streamed_sources_agree
+    """
+
+    def __init__(self, store: FeatureStore, image_ids: Sequence[str], index: PixelIndex) -> None:
+        self.labels = index.labels
+        self.num_pixels = len(index.labels)
+        first = store.load(image_ids[0])
+        self.dim = sum(int(m.shape[-1]) for m in first)
+        self._feats = torch.empty(self.num_pixels, self.dim, dtype=torch.float32)
+        order = torch.argsort(index.image, stable=True)
+        counts = torch.bincount(index.image.long(), minlength=len(image_ids)).tolist()
+        start = 0
+        for i, n in enumerate(counts):
+            if n:
+                rows = order[start : start + n]
+                self._feats[rows] = sample_maps(store.load(image_ids[i]), index.y[rows], index.x[rows], store.image_size)
+            start += n
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """int64 ``[n]`` pixel indices -> float32 ``[n, dim]`` features."""
+        return self._feats[index]
+
+
+def dense_bytes(num_pixels: int, dim: int) -> int:
+    """Bytes :class:`DensePixels` needs (float32 rows).
+
+    Example:
+        >>> dense_bytes(10, 4)
+        160
+    """
+    return num_pixels * dim * 4
