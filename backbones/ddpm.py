@@ -39,7 +39,7 @@ LSUN_ARCH: Mapping[str, Any] = {
 }
 #: The shipped demo model: 64 px, 6 levels, so blocks 5..12 keep their LSUN roles.
 DEMO_ARCH: Mapping[str, Any] = {
-    "image_size": 64, "num_channels": 64, "num_res_blocks": 2, "channel_mult": "1,1,2,2,2,2",
+    "image_size": 64, "num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,1,2,2,2,2",
     "attention_resolutions": "8,4,2", "num_head_channels": 32, "resblock_updown": True,
     "use_scale_shift_norm": True, "learn_sigma": True, "dropout": 0.0, "noise_schedule": "linear",
     "diffusion_steps": 1000,
@@ -294,3 +294,30 @@ class DDPM(Backbone):
             "noise_sha256": self._noise_sha256, "arch": self.flags.to_dict(), "fp16": self.fp16,
         })
         return cfg
+
+    @classmethod
+    def pretrain(cls, *, images: Sequence[Any], out_dir: Path, steps: int, batch_size: int = 16, seed: int = 0,
+                 device: str = "cpu", **options: Any) -> Path:
+        """Train an ADM on unlabeled images (``bench pretrain ddpm``); returns the EMA safetensors path.
+
+        ``options`` may hold guided-diffusion flags (default: the demo architecture) and the training
+        settings ``lr``, ``ema_rate``, ``save_every``, ``random_flip``; the output is ready for
+        ``bench run --backbone ddpm --weights PATH``.
+
+        Example:
+            >>> # DDPM.pretrain(images=bench.demo.unlabeled_images(10**6), out_dir=Path("runs/demo_ddpm"), steps=2000)
+        """
+        from dataclasses import fields
+
+        from backbones._adm_unet import ADMFlags
+        from backbones._ddpm_train import pretrain_ddpm
+
+        flag_names = {f.name for f in fields(ADMFlags)}
+        settings = {"lr", "ema_rate", "save_every", "random_flip"}
+        unknown = set(options) - flag_names - settings
+        if unknown:
+            raise BenchError(f"unknown pretraining option(s) {sorted(unknown)}; flags: {sorted(flag_names)}, "
+                             f"settings: {sorted(settings)}")
+        flags = ADMFlags.from_dict({**DEMO_ARCH, **{k: v for k, v in options.items() if k in flag_names}})
+        return pretrain_ddpm(images, Path(out_dir), flags=flags, steps=steps, batch_size=batch_size, seed=seed,
+                             device=device, **{k: v for k, v in options.items() if k in settings})
