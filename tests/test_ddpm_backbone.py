@@ -153,7 +153,7 @@ def test_weights_table_declares_the_official_checkpoints():
     assert w["ffhq"].paper_miou == {"ffhq_34": (59.1, 1.4), "celeba_19": (59.9, 1.0)}
     assert ADMFlags.from_dict(w["demo"].arch).attention_rates() == (8, 16, 32)
     demo = bench.create_backbone("ddpm.demo", pretrained=False, device="meta")
-    assert [(f.channels, f.stride) for f in demo.feature_info[:5]] == [(128, 8), (128, 8), (128, 8), (128, 4), (64, 2)]
+    assert [(f.channels, f.stride) for f in demo.feature_info[:5]] == [(64, 8), (64, 8), (64, 8), (64, 4), (32, 2)]
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------

@@ -74,11 +74,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if state.cut_after is not None:
             payload = payload[: state.cut_after]
+        # Log before sending: the client may finish reading (and the test assert on the log) before
+        # this thread runs again after the write.
+        state.log.append(Served(name, asked, status, len(payload)))
         try:
             self.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
             return
-        state.log.append(Served(name, asked, status, len(payload)))
 
     def log_message(self, *args: object) -> None:  # keep test output quiet
         pass
