@@ -118,7 +118,12 @@ def _has_weights(name: str) -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bench import report, runner
+    from bench.data import get_card
+    from bench.registry import get_backbone_class
 
+    get_card(args.dataset)  # fail on a wrong name before any work starts
+    for name in args.backbone.split(","):
+        get_backbone_class(name)
     specs = _run_specs(args)
     for i, spec in enumerate(specs, 1):
         tag = "random init" if not spec.pretrained else "pretrained"
