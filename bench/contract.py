@@ -87,6 +87,8 @@ class Backbone:
     default_tag: ClassVar[str | None] = None
     #: constructor kwargs of a tiny random-init variant for tests
     tiny: ClassVar[Mapping[str, Any]] = {}
+    #: if set, ``"arch:value"`` names pass ``value`` as this keyword (``timm:convnext_base`` -> model=...)
+    variant_arg: ClassVar[str | None] = None
 
     def __init__(self, *, tag: str | None = None, pretrained: bool = True, device: str = "cpu") -> None:
         if tag is None:

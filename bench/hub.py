@@ -392,7 +392,7 @@ def fetch_weights(weights: "Weights", *, module_file: str, name: str, progress: 
     if weights.file:
         path = Path(module_file).parent / weights.file
         if not path.is_file():
-            raise CheckpointError(f"shipped checkpoint of {name}.{weights.tag} not found: {path}")
+            raise CheckpointError(f"shipped checkpoint of {name} not found: {path}")
         if weights.sha256:
             actual = sha256_file(path)
             if actual != weights.sha256.lower():

@@ -119,14 +119,13 @@ def _lookup(name: str) -> type[Backbone]:
 
 
 def get_backbone_class(name: str) -> type[Backbone]:
-    """The class registered under ``name`` (or an alias); ``arch.tag`` names are accepted.
+    """The class registered under ``name`` (or an alias); ``arch.tag`` and ``arch:variant`` accepted.
 
     Example:
         >>> get_backbone_class("pixels").name
         'pixels'
     """
-    arch = name.split(".", 1)[0]
-    return _lookup(arch)
+    return _lookup(split_name(name)[0])
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
@@ -144,12 +143,26 @@ def list_backbones(pattern: str = "*") -> list[str]:
 def split_name(name: str) -> tuple[str, str | None]:
     """``"ddpm.lsun_cat"`` -> ``("ddpm", "lsun_cat")``; ``"ddpm"`` -> ``("ddpm", None)``.
 
+    A ``:variant`` suffix (``timm:convnext_base``) is not part of the arch; see :func:`split_variant`.
+
     Example:
-        >>> split_name("ddpm.lsun_cat")
-        ('ddpm', 'lsun_cat')
+        >>> split_name("ddpm.lsun_cat"), split_name("timm:vit_small_patch16_224.augreg_in21k")
+        (('ddpm', 'lsun_cat'), ('timm', None))
     """
-    arch, _, tag = name.partition(".")
+    head, _, _ = name.partition(":")
+    arch, _, tag = head.partition(".")
     return arch, (tag or None)
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """``"timm:convnext_base"`` -> ``("timm", "convnext_base")``; names without ``:`` -> ``(name, None)``.
+
+    Example:
+        >>> split_variant("timm:resnet18"), split_variant("ddpm.lsun_cat")
+        (('timm', 'resnet18'), ('ddpm.lsun_cat', None))
+    """
+    head, sep, variant = name.partition(":")
+    return head, (variant if sep else None)
 
 
 def create_backbone(name: str, *, pretrained: bool = True, device: str = "cpu", **kwargs: Any) -> Backbone:
@@ -163,8 +176,13 @@ def create_backbone(name: str, *, pretrained: bool = True, device: str = "cpu", 
         >>> bb.num_features
         5
     """
-    arch, tag = split_name(name)
+    head, variant = split_variant(name)
+    arch, tag = split_name(head)
     cls = _lookup(arch)
     if tag is not None:
         kwargs["tag"] = tag
+    if variant is not None:
+        if not cls.variant_arg:
+            raise RegistryError(f"backbone {cls.name!r} takes no ':variant' in its name (got {name!r})")
+        kwargs[cls.variant_arg] = variant
     return cls(pretrained=pretrained, device=device, **kwargs)
