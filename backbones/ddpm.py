@@ -125,6 +125,7 @@ class DDPM(Backbone):
         ),
         "demo": Weights(
             tag="demo", file="weights/ddpm_demo.safetensors", domain="demo", license="MIT",
+            sha256="bb69b7870b5e463186206400a5e620ad19febb45f344b00496babe9535f1b26d",
             arch=dict(DEMO_ARCH), description="small 64 px ADM trained on the built-in demo dataset",
         ),
     }
