@@ -105,8 +105,8 @@ def _run_specs(args: argparse.Namespace) -> list:
             out=Path(args.out), progress=not args.no_progress, name=args.name or "",
         )
         for b in backbones for p in pretrained for s in (args.seeds if args.split == "resplit" else [0])
-        # a backbone without weights has no random-init control distinct from itself
-        if p or _has_weights(b)
+        # --random-controls: a backbone without weights has no random-init control distinct from itself
+        if p or not args.random_controls or _has_weights(b)
     ]
 
 

@@ -17,6 +17,8 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
+    # Tests run tiny models: one thread avoids OpenMP synchronisation costs that make small ops
+    # 10-100x slower when the cores are shared (CI machines, a parallel job).
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
