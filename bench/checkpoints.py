@@ -22,17 +22,20 @@ _CONTAINER_KEYS = ("state_dict", "model")
 
 
 def _allowed_globals() -> list[Any]:
-    """Extra globals ``torch.load(weights_only=True)`` may rebuild; empty for now.
+    """Extra globals ``torch.load(weights_only=True)`` may rebuild, beyond torch's own allow-list.
 
-    This is the single place to allow a class: e.g. the MAE checkpoints pickle an
-    ``argparse.Namespace`` of their training arguments. Only add plain-data classes whose
-    reconstruction cannot run code.
+    ``argparse.Namespace``: the MAE checkpoints (``util/misc.save_model``) pickle their training
+    arguments next to the weights. Rebuilding one only creates an empty Namespace and fills its
+    ``__dict__`` with values that must themselves pass the allow-list, so no code runs. Only add
+    plain-data classes whose reconstruction cannot run code.
 
     Example:
-        >>> _allowed_globals()
-        []
+        >>> [f"{g.__module__}.{g.__qualname__}" for g in _allowed_globals()]
+        ['argparse.Namespace']
     """
-    return []
+    import argparse
+
+    return [argparse.Namespace]
 
 
 def _is_flat_tensor_dict(obj: Any) -> bool:

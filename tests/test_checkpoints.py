@@ -96,18 +96,40 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     assert not marker.exists()
 
 
-def test_namespace_in_checkpoint_is_named(tmp_path):
-    # The MAE checkpoints store their training args as an argparse.Namespace next to the weights.
-    torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "mae.pth")
-    with pytest.raises(CheckpointError, match=r"mae\.pth.*argparse\.Namespace.*nothing from the file was executed"):
-        load_state_dict(tmp_path / "mae.pth")
+class _CustomArgs:
+    """A plain class that is NOT on the allow-list (stands for any unknown pickled object)."""
+
+    def __init__(self) -> None:
+        self.lr = 0.1
+
+
+def test_namespace_in_checkpoint_is_accepted_but_other_classes_are_refused(tmp_path):
+    # The MAE checkpoints store their training args as an argparse.Namespace next to the weights
+    # (util/misc.save_model): that one class is allowed, any other custom class is still refused.
+    torch.save({"model": {"w": torch.ones(1)}, "optimizer": {"state": {}}, "epoch": 3, "scaler": {"scale": 2.0},
+                "args": argparse.Namespace(lr=0.1, model="mae_vit_large_patch8")}, tmp_path / "mae.pth")
+    _assert_same(load_state_dict(tmp_path / "mae.pth"), {"w": torch.ones(1)})
+    torch.save({"model": {"w": torch.ones(1)}, "args": _CustomArgs()}, tmp_path / "custom.pth")
+    with pytest.raises(CheckpointError, match=r"custom\.pth.*_CustomArgs.*nothing from the file was executed"):
+        load_state_dict(tmp_path / "custom.pth")
+
+
+def test_namespace_holding_a_malicious_value_is_refused(tmp_path):
+    # An allowed container class must not become a way in: its contents pass the same allow-list.
+    marker = tmp_path / "marker"
+    torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(x=_WritesMarker(marker))},
+               tmp_path / "evil_args.pth")
+    with pytest.raises(CheckpointError, match=r"evil_args\.pth.*exec"):
+        load_state_dict(tmp_path / "evil_args.pth")
+    assert not marker.exists()
 
 
 def test_allowed_globals_feed_torch_load(tmp_path, monkeypatch):
-    # The hook a later restricted loader will use: globals listed there are accepted.
+    # The hook is the single place that widens the allow-list: with it emptied, Namespace is refused.
     torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "mae.pth")
-    monkeypatch.setattr(checkpoints, "_allowed_globals", lambda: [argparse.Namespace])
-    _assert_same(load_state_dict(tmp_path / "mae.pth"), {"w": torch.ones(1)})
+    monkeypatch.setattr(checkpoints, "_allowed_globals", lambda: [])
+    with pytest.raises(CheckpointError, match=r"mae\.pth.*argparse\.Namespace.*nothing from the file was executed"):
+        load_state_dict(tmp_path / "mae.pth")
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
