@@ -374,6 +374,51 @@ class _ActiveMembers:
             }
 
 
+
+class _Prefetcher:
+    """Loads step ``s + 1``'s pixels in a background thread while step ``s`` trains.
+
+    Gathering features (sampling fp16 maps, indexing) and the MLP step run in torch ops that release
+    the GIL, so they overlap. On CUDA the batch goes through pinned memory with a non-blocking copy.
+    When members retire mid-epoch, the rows of the already-loaded batch are sliced the same way as
+    ``perms``, so every member still sees exactly its own pixel stream.
+    """
+
+    def __init__(self, source: "PixelSource", perms: Tensor, batch: int, steps: int, device: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.source, self.perms, self.batch, self.steps = source, perms, batch, steps
+        self.cuda = str(device).startswith("cuda")
+        self.device = device
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = self.pool.submit(self._load, 0, perms)
+
+    def _load(self, step: int, perms: Tensor) -> tuple[Tensor, Tensor]:
+        index = perms[:, step * self.batch:(step + 1) * self.batch]  # [A, B]
+        x = self.source.gather(index.reshape(-1)).to(torch.float32).view(index.shape[0], self.batch, -1)
+        y = self.source.labels[index.reshape(-1)].view(index.shape[0], self.batch)
+        if self.cuda:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def take(self, step: int) -> tuple[Tensor, Tensor]:
+        x, y = self.pending.result()
+        if step + 1 < self.steps:
+            self.pending = self.pool.submit(self._load, step + 1, self.perms)
+        x = x.to(self.device, non_blocking=self.cuda)
+        y = y.to(self.device, non_blocking=self.cuda)
+        return x, y.reshape(-1)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Members retired: keep only these rows of the permutations and of the batch in flight."""
+        self.perms = self.perms[keep]
+        pending = self.pending
+        self.pending = self.pool.submit(lambda: tuple(t[keep] for t in pending.result()))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 def train_ensemble(source: PixelSource, num_classes: int, *, seeds: Sequence[int],
                    config: TrainConfig = TrainConfig(), device: str = "cpu",
                    progress: bool = True) -> tuple[EnsembleMLP, list[dict]]:
@@ -416,11 +461,10 @@ def train_ensemble(source: PixelSource, num_classes: int, *, seeds: Sequence[int
         perms = torch.stack([torch.randperm(n_pixels, generator=shufflers[m]) for m in working.members])
         for m in working.members:
             infos[m]["epochs"] += 1
+        loader = _Prefetcher(source, perms, batch, steps_per_epoch, device)
         for step in range(steps_per_epoch):
-            index = perms[:, step * batch:(step + 1) * batch]  # [A, B]
-            n_active = index.shape[0]
-            x = source.gather(index.reshape(-1)).to(device, torch.float32).view(n_active, batch, -1)
-            y = source.labels[index.reshape(-1)].to(device)
+            x, y = loader.take(step)  # [A, B, d], [A*B]; the next step's pixels load meanwhile
+            n_active = x.shape[0]
             logits = _ensemble_forward(working.params, working.buffers, x, training=True)
             per_pixel = F.cross_entropy(logits.reshape(n_active * batch, -1), y, reduction="none")
             losses = per_pixel.view(n_active, batch).mean(dim=1)
@@ -443,7 +487,9 @@ def train_ensemble(source: PixelSource, num_classes: int, *, seeds: Sequence[int
                 if not working.members:
                     break
                 perms = perms[keep]
+                loader.keep_rows(keep)
                 bar.set_description(f"probe epoch {epoch}, {len(working.members)}/{config.members} members")
+        loader.close()
     working.retire(list(range(len(working.members))))
     bar.close()
     return ensemble.eval(), infos
