@@ -181,8 +181,8 @@ class PixelIndex:
     """Which pixels of which images form the training set (the ``[N*H*W]`` index, never the features)."""
 
     image: torch.Tensor  # int32 [n] position in ``image_ids``
-    y: torch.Tensor  # int64 [n]
-    x: torch.Tensor  # int64 [n]
+    y: torch.Tensor  # int32 [n]
+    x: torch.Tensor  # int32 [n]
     labels: torch.Tensor  # int64 [n]
 
 
@@ -203,10 +203,11 @@ def build_pixel_index(labels: Iterable[np.ndarray], ignore_label: int) -> PixelI
     cat = [np.concatenate(p) for p in zip(*parts)]
     if len(cat[0]) == 0:
         raise BenchError("the training images have no labelled pixels (every pixel is the ignore label)")
+    # int32 positions: this index is O(N*H*W), the largest structure left once features stream.
     return PixelIndex(
         image=torch.from_numpy(cat[0]),
-        y=torch.from_numpy(cat[1].astype(np.int64)),
-        x=torch.from_numpy(cat[2].astype(np.int64)),
+        y=torch.from_numpy(cat[1].astype(np.int32)),
+        x=torch.from_numpy(cat[2].astype(np.int32)),
         labels=torch.from_numpy(cat[3].astype(np.int64)),
     )
 
@@ -215,23 +216,28 @@ class StreamedPixels:
     """A probe ``PixelSource`` that samples pixel features from the cached native maps on demand.
 
     Nothing of size ``[N*H*W, C]`` exists: a batch of pixel indices is grouped by image and each
-    group is bilinearly sampled from that image's memory-mapped fp16 maps. The maps are re-mapped
-    every ``refresh_every`` gathers so that the pages they touched leave the process's resident set
-    (the OS page cache keeps them warm): resident memory stays bounded, whatever the number of images.
+    group is bilinearly sampled from that image's memory-mapped fp16 maps. Once the pages touched
+    since the last reset could exceed ``max_resident_bytes``, the maps are re-mapped so that those
+    pages leave the process's resident set (the OS page cache keeps them warm, so nothing is re-read
+    from disk): resident memory stays bounded by that setting, whatever the number of images.
 
     Example:
         >>> # see tests/test_features.py::test_streamed_pixels_equal_dense_upsample
     """
 
-    def __init__(self, store: FeatureStore, image_ids: Sequence[str], index: PixelIndex, *, refresh_every: int = 64) -> None:
+    def __init__(self, store: FeatureStore, image_ids: Sequence[str], index: PixelIndex, *,
+                 max_resident_bytes: int = 1 << 30) -> None:
         self.store, self.image_ids, self.index = store, list(image_ids), index
         self.labels = index.labels
         self.num_pixels = len(index.labels)
-        self.refresh_every = max(1, refresh_every)
+        self.max_resident_bytes = max_resident_bytes
         self._maps: dict[int, list[torch.Tensor]] = {}
-        self._calls = 0
+        self._touched = 0  # upper bound on the bytes of mapped pages touched since the last reset
         first = store.load(self.image_ids[0], mmap=True)
         self.dim = sum(int(m.shape[-1]) for m in first)
+        # Per map: bytes of one spatial position (at least a page: a read faults in a whole page).
+        self._row_bytes = [max(4096, int(m.shape[-1]) * m.element_size()) for m in first]
+        self._map_positions = [int(m.shape[0]) * int(m.shape[1]) for m in first]
 
     def _image_maps(self, i: int) -> list[torch.Tensor]:
         if i not in self._maps:
@@ -240,9 +246,6 @@ class StreamedPixels:
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """int64 ``[n]`` pixel indices -> float32 ``[n, dim]`` features."""
-        self._calls += 1
-        if self._calls % self.refresh_every == 0:
-            self._maps.clear()  # drop the mappings; resident pages go with them
         img = self.index.image[index]
         out = torch.empty(len(index), self.dim, dtype=torch.float32)
         order = torch.argsort(img, stable=True)
@@ -250,6 +253,12 @@ class StreamedPixels:
         uniq, counts = torch.unique_consecutive(sorted_img, return_counts=True)
         start = 0
         for i, n in zip(uniq.tolist(), counts.tolist()):
+            # 4 neighbours per pixel, at most every position of the map
+            touch = sum(min(4 * n, p) * b for p, b in zip(self._map_positions, self._row_bytes))
+            if self._touched + touch > self.max_resident_bytes:
+                self._maps.clear()  # drop the mappings; their resident pages go with them
+                self._touched = 0
+            self._touched += touch
             rows = order[start : start + n]
             pix = index[rows]
             out[rows] = sample_maps(self._image_maps(i), self.index.y[pix], self.index.x[pix], self.store.image_size)

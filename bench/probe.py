@@ -394,7 +394,7 @@ class _Prefetcher:
         self.pending = self.pool.submit(self._load, 0, perms)
 
     def _load(self, step: int, perms: Tensor) -> tuple[Tensor, Tensor]:
-        index = perms[:, step * self.batch:(step + 1) * self.batch]  # [A, B]
+        index = perms[:, step * self.batch:(step + 1) * self.batch].long()  # [A, B]
         x = self.source.gather(index.reshape(-1)).to(torch.float32).view(index.shape[0], self.batch, -1)
         y = self.source.labels[index.reshape(-1)].view(index.shape[0], self.batch)
         if self.cuda:
@@ -458,7 +458,10 @@ def train_ensemble(source: PixelSource, num_classes: int, *, seeds: Sequence[int
             break
         bar.reset()
         bar.set_description(f"probe epoch {epoch}, {len(working.members)}/{config.members} members")
-        perms = torch.stack([torch.randperm(n_pixels, generator=shufflers[m]) for m in working.members])
+        # Stored as int32 (same values, same generator use): 10 members x N*H*W pixels is the largest
+        # thing the probe holds, and int64 would double it.
+        perms = torch.stack([torch.randperm(n_pixels, generator=shufflers[m]).to(torch.int32)
+                             for m in working.members])
         for m in working.members:
             infos[m]["epochs"] += 1
         loader = _Prefetcher(source, perms, batch, steps_per_epoch, device)

@@ -179,7 +179,7 @@ def run(spec: RunSpec) -> dict:
         source: Any = features.DensePixels(store, train_ids, index)
         source_kind = "dense"
     else:
-        source = features.StreamedPixels(store, train_ids, index)
+        source = features.StreamedPixels(store, train_ids, index, max_resident_bytes=budget // 4)
         source_kind = "streamed"
     seeds = [data.derive_seed(spec.seed, "member", m) for m in range(spec.members)]
     ensemble, members_info = probe.train_ensemble(

@@ -43,7 +43,8 @@ def prepare(cache: Path, n_images: int, noise_steps: int) -> None:
         np.save(cache / f"label{i}.npy", np.kron(coarse, np.ones((32, 32), dtype=np.int64)))
 
 
-def probe_stage(cache: Path, n_images: int, noise_steps: int, train_steps: int, threads: int) -> dict:
+def probe_stage(cache: Path, n_images: int, noise_steps: int, train_steps: int, threads: int,
+                max_memory_gb: float) -> dict:
     """The probe stage of a run, measured in this (fresh) process."""
     import numpy as np
     import torch
@@ -57,7 +58,7 @@ def probe_stage(cache: Path, n_images: int, noise_steps: int, train_steps: int, 
     ids = [f"img{i}" for i in range(n_images)]
     labels = [np.load(cache / f"label{i}.npy") for i in range(n_images)]
     index = features.build_pixel_index(labels, ignore_label=255)
-    source = features.StreamedPixels(store, ids, index)
+    source = features.StreamedPixels(store, ids, index, max_resident_bytes=int(max_memory_gb * 2**30) // 4)
     t0 = time.time()
     config = probe.TrainConfig(max_steps=train_steps)
     ensemble, _ = probe.train_ensemble(source, CLASSES, seeds=list(range(10)), config=config, progress=False)
@@ -80,11 +81,12 @@ def main() -> None:
     parser.add_argument("--noise-steps", type=int, default=1, help="1 -> 2816 channels, 3 -> 8448 (the paper's)")
     parser.add_argument("--train-steps", type=int, default=200, help="optimiser steps per member")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-memory", type=float, default=4.0, help="GiB, as bench run --max-memory")
     parser.add_argument("--_measure", nargs=2, metavar=("CACHE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._measure:
         cache, n = Path(args._measure[0]), int(args._measure[1])
-        print(json.dumps(probe_stage(cache, n, args.noise_steps, args.train_steps, args.threads)))
+        print(json.dumps(probe_stage(cache, n, args.noise_steps, args.train_steps, args.threads, args.max_memory)))
         return
 
     rows = []
@@ -93,7 +95,8 @@ def main() -> None:
             prepare(Path(tmp), n, args.noise_steps)
             out = subprocess.run(
                 [sys.executable, __file__, "--noise-steps", str(args.noise_steps), "--train-steps",
-                 str(args.train_steps), "--threads", str(args.threads), "--_measure", tmp, str(n)],
+                 str(args.train_steps), "--threads", str(args.threads), "--max-memory", str(args.max_memory),
+                 "--_measure", tmp, str(n)],
                 check=True, capture_output=True, text=True,
             ).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))

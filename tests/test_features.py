@@ -103,11 +103,11 @@ def test_streamed_pixels_equal_dense_upsample(tmp_path):
     index = build_pixel_index(labels, ignore_label=255)
     assert len(index.labels) == sum(int((lab != 255).sum()) for lab in labels)
     ids = ["img0", "img1", "img2"]
-    source = StreamedPixels(store, ids, index, refresh_every=2)
+    source = StreamedPixels(store, ids, index, max_resident_bytes=200_000)
     assert source.dim == 15
     pick = torch.randint(0, source.num_pixels, (300,), generator=g)
     got = source.gather(pick)
-    for k in range(3):  # several calls exercise the periodic re-mapping
+    for k in range(3):  # several calls exercise the re-mapping at the residency bound
         got = source.gather(pick)
     dense = [upsample_concat([m.half().float() for m in originals[i]], 64)[0] for i in ids]
     want = torch.stack([dense[int(index.image[p])][:, index.y[p], index.x[p]] for p in pick.tolist()])
