@@ -9,6 +9,7 @@ changes, but memory is bounded by how many pixels are asked for at once.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -43,14 +44,16 @@ def upsample_concat(maps: Sequence[torch.Tensor], size: int | tuple[int, int]) -
     )
 
 
-def _source_index(dst: torch.Tensor, in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Neighbour rows and weight for bilinear upsampling ``in_size -> out_size`` at ``dst`` positions.
+@functools.lru_cache(maxsize=64)
+def _source_table(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Neighbour rows and weight for bilinear upsampling ``in_size -> out_size``, for every output row.
 
     Same arithmetic as torch's ``upsample_bilinear2d`` with align_corners=False: the source
-    coordinate of output pixel ``d`` is ``(d + 0.5) * in/out - 0.5``, clamped at 0.
+    coordinate of output pixel ``d`` is ``(d + 0.5) * in/out - 0.5``, clamped at 0. Cached: a run
+    asks for the same few (map size, image size) pairs millions of times.
     """
     scale = torch.tensor(in_size / out_size, dtype=torch.float32)
-    src = ((dst.to(torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)
     lo = src.to(torch.int64)
     hi = torch.clamp(lo + 1, max=in_size - 1)
     return lo, hi, src - lo
@@ -60,24 +63,32 @@ def sample_maps(maps: Sequence[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor
     """Features of pixels ``(ys, xs)`` of a ``size x size`` image from channels-last native maps.
 
     ``maps[i]`` is ``[h_i, w_i, C_i]`` (any float dtype, e.g. an fp16 memmap-backed tensor); the result
-    is ``[n, sum C_i]`` float32 and equals ``upsample_concat`` followed by indexing at those pixels.
+    is ``[n, sum C_i]`` float32 and equals ``upsample_concat`` followed by indexing at those pixels
+    (up to float rounding: the four neighbours are blended in one weighted sum).
 
     Example:
         >>> m = torch.arange(4.).reshape(2, 2, 1)
         >>> sample_maps([m], torch.tensor([0, 3]), torch.tensor([0, 3]), 4).flatten().tolist()
         [0.0, 3.0]
     """
-    out = torch.empty(len(ys), sum(int(m.shape[-1]) for m in maps), dtype=torch.float32)
+    ys, xs = ys.long(), xs.long()
+    n = len(ys)
+    out = torch.empty(n, sum(int(m.shape[-1]) for m in maps), dtype=torch.float32)
+    neighbours: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     offset = 0
     for m in maps:
         h, w, c = (int(s) for s in m.shape)
-        y0, y1, wy = _source_index(ys, h, size)
-        x0, x1, wx = _source_index(xs, w, size)
-        wy, wx = wy[:, None], wx[:, None]
-        # Same order of operations as torch's kernel: (1-wy)*((1-wx)*a + wx*b) + wy*((1-wx)*c + wx*d)
-        top = (1 - wx) * m[y0, x0].float() + wx * m[y0, x1].float()
-        bottom = (1 - wx) * m[y1, x0].float() + wx * m[y1, x1].float()
-        out[:, offset : offset + c] = (1 - wy) * top + wy * bottom
+        if (h, w) not in neighbours:  # maps of one size (e.g. every step's block) share the lookup
+            y_lo, y_hi, y_w = (t[ys] for t in _source_table(h, size))
+            x_lo, x_hi, x_w = (t[xs] for t in _source_table(w, size))
+            rows = torch.cat([y_lo * w + x_lo, y_lo * w + x_hi, y_hi * w + x_lo, y_hi * w + x_hi])
+            weights = torch.stack([(1 - y_w) * (1 - x_w), (1 - y_w) * x_w, y_w * (1 - x_w), y_w * x_w])
+            neighbours[h, w] = rows, weights.unsqueeze(-1)
+        rows, weights = neighbours[h, w]
+        # One read of the 4 neighbours' rows ([4n, C]) and one weighted sum: few ops per map, which
+        # matters because a training step samples every map of every image in its batch.
+        values = m.reshape(h * w, c).index_select(0, rows).view(4, n, c).float()
+        out[:, offset : offset + c] = (values * weights).sum(0)
         offset += c
     return out
 
