@@ -47,6 +47,14 @@ def test_seeds_change_the_split_and_reproduce_exactly(tmp_path):
     assert a["files"] != c["files"]
 
 
+def _cached_images(root: Path) -> int:
+    """Finished feature-store entries; the run renames temporary folders meanwhile, so retry on a race."""
+    try:
+        return len(list(root.rglob("done")))
+    except FileNotFoundError:
+        return 0
+
+
 def test_killed_run_leaves_no_result_and_resumes_to_the_same_numbers(tmp_path):
     home = tmp_path / "home"
     env = dict(os.environ, BENCH_HOME=str(home))
@@ -55,7 +63,7 @@ def test_killed_run_leaves_no_result_and_resumes_to_the_same_numbers(tmp_path):
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((home / "features").rglob("done")):
+    while time.time() < deadline and not _cached_images(home / "features"):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
