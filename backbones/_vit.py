@@ -11,7 +11,6 @@ Example:
 """
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -64,20 +63,9 @@ def block_indices(values: Any, *, limit: int, owner: str, what: str = "blocks") 
         Traceback (most recent call last):
         bench.errors.BenchError: mae block 24 is out of range; valid blocks are 0..23
     """
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
-        raise BenchError(f"{owner} {what} must be a non-empty list of integers, got {values!r}")
-    seen: list[int] = []
-    for v in values:
-        try:
-            index = None if isinstance(v, bool) else operator.index(v)
-        except TypeError:
-            index = None
-        if index is None or not 0 <= index < limit:
-            raise BenchError(f"{owner} {what[:-1]} {v!r} is out of range; valid {what} are 0..{limit - 1}")
-        if index in seen:
-            raise BenchError(f"{owner} {what} lists {index} twice: {list(values)!r}")
-        seen.append(index)
-    return tuple(sorted(seen))
+    from bench.contract import validate_indices
+
+    return tuple(sorted(validate_indices(values, limit=limit, owner=owner, what=what)))
 
 
 def weights_path(backbone: "Backbone", checkpoint: str | Path | None, *, module_file: str) -> Path | None:

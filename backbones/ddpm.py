@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from bench import Backbone, BenchError, FeatureInfo, Weights, register_backbone
+from bench.contract import validate_indices
 from bench.errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,24 +58,6 @@ def _lsun(tag: str, paper: Mapping[str, tuple[float, float]]) -> Weights:
         tag=tag, url=(f"{_YANDEX}{tag}.pt", f"{_OPENAI}{tag}.pt"), domain=tag, license="MIT (guided-diffusion)",
         arch=dict(LSUN_ARCH), paper_miou=paper, description=f"guided-diffusion ADM trained on {tag} (256 px)",
     )
-
-
-def _unique_indices(values: Sequence[Any], what: str, limit: int) -> list[int]:
-    """Validate user indices: integers in 0..limit-1, no duplicates, at least one; keeps the order."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
-        raise BenchError(f"ddpm {what} must be a non-empty list of integers, got {values!r}")
-    seen: list[int] = []
-    for v in values:
-        try:
-            index = None if isinstance(v, bool) else operator.index(v)
-        except TypeError:
-            index = None
-        if index is None or not 0 <= index < limit:
-            raise BenchError(f"ddpm {what[:-1]} {v!r} is out of range; valid {what} are 0..{limit - 1}")
-        if index in seen:
-            raise BenchError(f"ddpm {what} lists {index} twice: {list(values)!r}")
-        seen.append(index)
-    return seen
 
 
 def _safetensors_arch(path: Path) -> dict[str, Any] | None:
@@ -193,8 +175,8 @@ class DDPM(Backbone):
             raise BenchError("ddpm features need an unconditional model; arch has class_cond=True")
         with torch.device("meta"):  # instant even at 550M parameters, and allocates nothing
             model = ADMUNet(self.flags)
-        self.blocks = tuple(sorted(_unique_indices(blocks, "blocks", model.num_output_blocks)))
-        self.steps = tuple(_unique_indices(steps, "steps", self.flags.diffusion_steps))
+        self.blocks = tuple(sorted(validate_indices(blocks, limit=model.num_output_blocks, owner="ddpm")))
+        self.steps = tuple(validate_indices(steps, limit=self.flags.diffusion_steps, owner="ddpm", what="steps"))
         self.image_size = self.flags.image_size
         self._block_shapes = model.block_shapes()
         self._alphas_cumprod = alphas_cumprod(make_betas(self.flags.noise_schedule, self.flags.diffusion_steps))

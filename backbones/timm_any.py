@@ -20,7 +20,6 @@ Example:
 """
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -49,22 +48,10 @@ def _timm_model_name(model: Any) -> str:
 
 def _stage_indices(values: Any, count: int, model: str) -> tuple[int, ...]:
     """Validate ``out_indices`` against the model's ``count`` feature stages (negative = from the end)."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise BenchError(f"timm {model} out_indices must be a non-empty list of integers, got {values!r}")
-    out: list[int] = []
-    for v in values:
-        try:
-            index = None if isinstance(v, bool) else operator.index(v)
-        except TypeError:
-            index = None
-        if index is None or not -count <= index < count:
-            raise BenchError(f"timm {model} out_index {v!r} is out of range; it has {count} feature stages "
-                             f"(0..{count - 1}, or -{count}..-1 from the end)")
-        index %= count
-        if index in out:
-            raise BenchError(f"timm {model} out_indices list stage {index} twice: {list(values)!r}")
-        out.append(index)
-    return tuple(sorted(out))
+    from bench.contract import validate_indices
+
+    return tuple(sorted(validate_indices(values, limit=count, owner=f"timm {model}", what="out_indices", item="out_index",
+                                         allow_negative=True)))
 
 
 @register_backbone("timm")

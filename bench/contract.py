@@ -15,6 +15,7 @@ Importing this module does not import torch: plugin modules stay cheap to import
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
@@ -61,6 +62,41 @@ class Weights:
     paper_miou: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     file: str = ""
     description: str = ""
+
+
+def validate_indices(values: Any, *, limit: int, owner: str, what: str = "blocks", item: str = "",
+                     allow_negative: bool = False) -> list[int]:
+    """Check a plugin's user-given layer/step indices: a non-empty list of distinct integers.
+
+    Valid values are ``0..limit-1`` (and ``-limit..-1``, counted from the end, if ``allow_negative``);
+    the result keeps the user's order with negatives resolved. Errors name the value and the range,
+    never silently drop an index.
+
+    Example:
+        >>> validate_indices([12, 5], limit=18, owner="ddpm")
+        [12, 5]
+        >>> validate_indices([18], limit=18, owner="ddpm")
+        Traceback (most recent call last):
+        bench.errors.BenchError: ddpm block 18 is out of range; valid blocks are 0..17
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise BenchError(f"{owner} {what} must be a non-empty list of integers, got {values!r}")
+    item = item or what[:-1]  # "blocks" -> "block"
+    low = -limit if allow_negative else 0
+    valid = f"0..{limit - 1}" + (f" (or {-limit}..-1 from the end)" if allow_negative else "")
+    seen: list[int] = []
+    for v in values:
+        try:
+            index = None if isinstance(v, bool) else operator.index(v)
+        except TypeError:
+            index = None
+        if index is None or not low <= index < limit:
+            raise BenchError(f"{owner} {item} {v!r} is out of range; valid {what} are {valid}")
+        index %= limit
+        if index in seen:
+            raise BenchError(f"{owner} {what} lists {index} twice: {list(values)!r}")
+        seen.append(index)
+    return seen
 
 
 class Backbone:
