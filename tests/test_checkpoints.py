@@ -11,6 +11,7 @@ import torch
 from bench import checkpoints
 from bench.checkpoints import check_state_dict, load_state_dict, load_strict, save_safetensors, strip_prefix
 from bench.errors import CheckpointError
+from helpers import WritesMarker
 
 
 def _net() -> torch.nn.Module:
@@ -21,16 +22,6 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
     assert list(a) == list(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-class _WritesMarker:
-    """Unpickling this object runs ``exec``, which creates a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -83,12 +74,12 @@ def test_tied_weights_can_be_saved(tmp_path):
 def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     # Prove the file is really malicious: an unsafe load runs the payload.
     probe_marker = tmp_path / "probe_marker"
-    torch.save({"w": _WritesMarker(probe_marker)}, tmp_path / "probe.pt")
+    torch.save({"w": WritesMarker(probe_marker)}, tmp_path / "probe.pt")
     torch.load(tmp_path / "probe.pt", weights_only=False)
     assert probe_marker.exists()
 
     marker = tmp_path / "marker"
-    torch.save({"w": _WritesMarker(marker)}, tmp_path / "evil.pt")
+    torch.save({"w": WritesMarker(marker)}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError) as err:
         load_state_dict(tmp_path / "evil.pt")
     message = str(err.value)
@@ -117,7 +108,7 @@ def test_namespace_in_checkpoint_is_accepted_but_other_classes_are_refused(tmp_p
 def test_namespace_holding_a_malicious_value_is_refused(tmp_path):
     # An allowed container class must not become a way in: its contents pass the same allow-list.
     marker = tmp_path / "marker"
-    torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(x=_WritesMarker(marker))},
+    torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(x=WritesMarker(marker))},
                tmp_path / "evil_args.pth")
     with pytest.raises(CheckpointError, match=r"evil_args\.pth.*exec"):
         load_state_dict(tmp_path / "evil_args.pth")

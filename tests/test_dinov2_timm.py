@@ -1,7 +1,6 @@
 """DINOv2 (official layout -> timm) and any-timm backbones: naming, sizes, checkpoint loading, safety."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import timm
@@ -13,6 +12,7 @@ from backbones.dinov2 import MODELS, convert_dinov2_checkpoint
 from bench.checkpoints import check_state_dict, save_safetensors
 from bench.errors import CheckpointError
 from bench.hub import sha256_file
+from helpers import WritesMarker
 
 
 @pytest.fixture(autouse=True)
@@ -23,16 +23,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class _WritesMarker:
-    """Unpickling this object runs ``exec``, which creates a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
 # ---- DINOv2 ---------------------------------------------------------------------------------------
@@ -143,7 +133,7 @@ def test_dinov2_names_and_errors():
 
 def test_malicious_pickle_in_a_dinov2_file_is_refused(tmp_path):
     marker = tmp_path / "marker"
-    torch.save({"cls_token": torch.zeros(1, 1, 384), "pos_embed": _WritesMarker(marker)}, tmp_path / "evil.pth")
+    torch.save({"cls_token": torch.zeros(1, 1, 384), "pos_embed": WritesMarker(marker)}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match=r"evil\.pth.*exec.*nothing from the file was executed"):
         bench.create_backbone("dinov2", checkpoint=tmp_path / "evil.pth", blocks=[0])
     assert not marker.exists()
@@ -189,7 +179,7 @@ def test_timm_checkpoint_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"cut\.pth.*missing key 'layer2\.1\.bn1\.weight' \(expected shape \(128,\)\)"):
         bench.create_backbone("timm:resnet18", checkpoint=tmp_path / "cut.pth")
     marker = tmp_path / "marker"
-    torch.save({"state_dict": {"conv1.weight": _WritesMarker(marker)}}, tmp_path / "evil.pth")
+    torch.save({"state_dict": {"conv1.weight": WritesMarker(marker)}}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match=r"evil\.pth.*exec"):
         bench.create_backbone("timm:resnet18", checkpoint=tmp_path / "evil.pth")
     assert not marker.exists()

@@ -13,6 +13,7 @@ from backbones.mae import TINY_ARCH, VITL8_ARCH, build_encoder, convert_mae_chec
 from bench.checkpoints import check_state_dict
 from bench.errors import CheckpointError
 from bench.hub import sha256_file
+from helpers import WritesMarker
 
 MANIFESTS = Path(__file__).parent / "fixtures" / "manifests"
 
@@ -123,24 +124,14 @@ def test_official_tag_with_local_file_keeps_the_tag(tmp_path):
     assert bb.tag == "ffhq" and bb.weights_entry.paper_miou["ffhq_34"] == (58.8, 1.1)
 
 
-class _WritesMarker:
-    """Unpickling this object runs ``exec``, which creates a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
 def test_malicious_pickle_in_the_mae_container_is_refused(tmp_path):
     probe = tmp_path / "probe_marker"
-    _save_official(tmp_path / "probe.pth", _tiny_encoder_state(), _WritesMarker(probe))
+    _save_official(tmp_path / "probe.pth", _tiny_encoder_state(), WritesMarker(probe))
     torch.load(tmp_path / "probe.pth", weights_only=False)  # the payload really runs on an unsafe load
     assert probe.exists()
 
     marker = tmp_path / "marker"
-    _save_official(tmp_path / "evil.pth", _tiny_encoder_state(), _WritesMarker(marker))
+    _save_official(tmp_path / "evil.pth", _tiny_encoder_state(), WritesMarker(marker))
     with pytest.raises(CheckpointError, match=r"evil\.pth.*exec.*nothing from the file was executed"):
         bench.create_backbone("mae", checkpoint=tmp_path / "evil.pth", arch=TINY_ARCH)
     assert not marker.exists()

@@ -13,6 +13,7 @@ from backbones.swav import convert_swav_checkpoint
 from bench.checkpoints import check_state_dict
 from bench.errors import CheckpointError
 from bench.hub import sha256_file
+from helpers import WritesMarker
 
 MANIFESTS = Path(__file__).parent / "fixtures" / "manifests"
 #: protocol section 4: channels@resolution of the hooked block inputs for ResNet-50 at 256 px
@@ -127,25 +128,15 @@ def test_eval_mode_features_do_not_depend_on_the_batch(tmp_path):
         torch.testing.assert_close(a[:1], b, rtol=1e-4, atol=1e-4)
 
 
-class _WritesMarker:
-    """Unpickling this object runs ``exec``, which creates a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
 def test_malicious_pickle_in_the_swav_container_is_refused(tmp_path):
     state = {"module." + k: v for k, v in _trained_trunk().items()}
     probe = tmp_path / "probe_marker"
-    torch.save({"epoch": 1, "state_dict": state, "amp": _WritesMarker(probe)}, tmp_path / "probe.pth")
+    torch.save({"epoch": 1, "state_dict": state, "amp": WritesMarker(probe)}, tmp_path / "probe.pth")
     torch.load(tmp_path / "probe.pth", weights_only=False)  # the payload really runs on an unsafe load
     assert probe.exists()
 
     marker = tmp_path / "marker"
-    torch.save({"epoch": 1, "state_dict": state, "amp": _WritesMarker(marker)}, tmp_path / "evil.pth")
+    torch.save({"epoch": 1, "state_dict": state, "amp": WritesMarker(marker)}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match=r"evil\.pth.*exec.*nothing from the file was executed"):
         bench.create_backbone("swav", checkpoint=tmp_path / "evil.pth", base=8)
     assert not marker.exists()
