@@ -17,18 +17,11 @@ from backbones.ddpm import DDPM, TINY_ARCH
 from bench import hub
 from bench.errors import BenchError, CheckpointError
 
-SMALL64 = Path(__file__).parent / "fixtures" / "guided_diffusion" / "small64" / "weights.safetensors"
+SMALL64 = Path(__file__).parent / "fixtures" / "adm_small64" / "small64" / "weights.safetensors"
 S = TINY_ARCH["image_size"]
 SMALL64_FLAGS = json.loads((SMALL64.parents[1] / "model_configs.json").read_text())["small64"]["create_model_and_diffusion_kwargs"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine's 2 cores are shared: one thread per process avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny(**kwargs) -> DDPM:

@@ -1,6 +1,6 @@
 """Fidelity of the ADM UNet and the ``ddpm`` backbone against the guided-diffusion golden fixtures.
 
-Every number here comes from the original code run on CPU (tests/fixtures/guided_diffusion/README.md);
+Every number here comes from the original code run on CPU (tests/fixtures/adm_small64/README.md);
 the checklist items are those of spec/protocol.md section 12. Tolerance 1e-4 absolute unless stated.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from backbones import _diffusion
 from backbones._adm_unet import ADMFlags, ADMUNet, timestep_embedding
 from bench.features import upsample_concat
 
-FIXTURES = Path(__file__).parent / "fixtures" / "guided_diffusion"
+FIXTURES = Path(__file__).parent / "fixtures" / "adm_small64"
 SHARED_COLLECTED = (Path(__file__).parents[2] / "shared/fixtures/guided_diffusion/small64"
                     / "golden_collected_features.safetensors")
 STEPS = (50, 150, 250)
@@ -28,13 +28,6 @@ ATOL = 1e-4
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine's 2 cores are shared: one thread per process avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,6 @@ from backbones._diffusion import alphas_cumprod, make_betas, q_sample
 from bench.errors import BenchError, CheckpointError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: keep torch to one thread here, and give the setting back to the other test files
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_flags(**overrides) -> ADMFlags:

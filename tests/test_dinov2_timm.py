@@ -15,14 +15,6 @@ from bench.hub import sha256_file
 from helpers import WritesMarker
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a shared CPU a thread waiting for
-    its sibling makes each small operation ~100x slower; restore the session's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- DINOv2 ---------------------------------------------------------------------------------------

@@ -18,14 +18,6 @@ from helpers import WritesMarker
 MANIFESTS = Path(__file__).parent / "fixtures" / "manifests"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a shared CPU a thread waiting for
-    its sibling makes each small convolution ~100x slower; restore the session's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _manifest(name: str) -> list[tuple[str, list[int], str]]:

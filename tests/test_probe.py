@@ -11,13 +11,6 @@ from bench.probe import (EarlyStopper, EnsembleMLP, TensorPixelSource, TrainConf
                          train_member)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and the CI cores are shared: one thread is far faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def blobs(n: int, dim: int = 16, classes: int = 3, seed: int = 0,

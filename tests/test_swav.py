@@ -21,14 +21,6 @@ RN50_INPUTS_256 = [(64, 64), (256, 64), (256, 64), (512, 32), (512, 32), (1024, 
 HOOKED = ["layer1.0", "layer1.2", "layer2.0", "layer2.2", "layer3.0", "layer3.2", "layer3.4", "layer4.0", "layer4.2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a shared CPU a thread waiting for
-    its sibling makes each small convolution ~100x slower; restore the session's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _manifest(name: str) -> list[list]:
