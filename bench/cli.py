@@ -103,6 +103,7 @@ def _run_specs(args: argparse.Namespace) -> list:
             backbone=b, dataset=args.dataset, seed=s, pretrained=p, split=args.split,
             backbone_kwargs=options, device=args.device, max_memory_gb=args.max_memory,
             out=Path(args.out), progress=not args.no_progress, name=args.name or "",
+            extract_batch=args.batch_size,
         )
         for b in backbones for p in pretrained for s in (args.seeds if args.split == "resplit" else [0])
         # --random-controls: a backbone without weights has no random-init control distinct from itself
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     run.add_argument("--max-memory", type=float, default=4.0, metavar="GB",
                      help="memory ceiling for the probe stage, GiB (default 4)")
+    run.add_argument("--batch-size", type=int, default=4, help="images per feature-extraction batch (default 4)")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=cmd_run)
 
