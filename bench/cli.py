@@ -23,6 +23,26 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -216,9 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="row label in reports (default: the backbone name)")
     run.add_argument("--out", default="reports", help="results root (default: reports/)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    run.add_argument("--max-memory", type=float, default=4.0, metavar="GB",
+    run.add_argument("--max-memory", type=_positive_float, default=4.0, metavar="GB",
                      help="memory ceiling for the probe stage, GiB (default 4)")
-    run.add_argument("--batch-size", type=int, default=4, help="images per feature-extraction batch (default 4)")
+    run.add_argument("--batch-size", type=_positive_int, default=4, help="images per feature-extraction batch (default 4)")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -245,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("backbone")
     pre.add_argument("--dataset", required=True, help="card name/alias or a folder of images")
     pre.add_argument("--out", required=True, help="output folder (resumes if it holds a training state)")
-    pre.add_argument("--steps", type=int, default=10000)
-    pre.add_argument("--batch-size", type=int, default=16)
+    pre.add_argument("--steps", type=_positive_int, default=10000)
+    pre.add_argument("--batch-size", type=_positive_int, default=16)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--device", default="cpu")
     pre.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. num_channels=64 or lr=2e-4")
