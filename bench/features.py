@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -153,13 +154,23 @@ class FeatureStore:
 
     def load(self, image_id: str, *, mmap: bool = False) -> list[torch.Tensor]:
         """The cached maps of ``image_id`` as ``[h, w, C]`` fp16 tensors (memory-mapped if ``mmap``)."""
+        if mmap:
+            return [torch.from_numpy(a) for a in self.map_arrays(image_id)]
+        return [torch.from_numpy(np.load(f)) for f in self._files(image_id)]
+
+    def _files(self, image_id: str) -> list[Path]:
         folder = self._image_dir(image_id)
         if not (folder / "done").exists():
             raise BenchError(f"no cached features for image {image_id!r} in {self.folder}")
-        files = sorted(folder.glob("m*.npy"), key=lambda p: int(p.stem[1:]))
-        # Copy-on-write mappings ("c"): torch wants writable arrays, and we never write, so no page
-        # is ever copied; the file on disk cannot be modified through them.
-        return [torch.from_numpy(np.load(f, mmap_mode="c" if mmap else None)) for f in files]
+        return sorted(folder.glob("m*.npy"), key=lambda p: int(p.stem[1:]))
+
+    def map_arrays(self, image_id: str) -> list[np.memmap]:
+        """The cached maps of ``image_id`` as memory-mapped ``[h, w, C]`` fp16 arrays.
+
+        Copy-on-write mappings ("c"): torch wants writable arrays, and we never write, so no page is
+        ever copied; the file on disk cannot be modified through them.
+        """
+        return [np.load(f, mmap_mode="c") for f in self._files(image_id)]
 
     def ensure(
         self,
@@ -246,6 +257,7 @@ class StreamedPixels:
         self.num_pixels = len(index.labels)
         self.max_resident_bytes = max_resident_bytes
         self._maps: dict[int, list[torch.Tensor]] = {}
+        self._arrays: list[np.memmap] = []
         self._touched = 0  # upper bound on the bytes of mapped pages touched since the last reset
         first = store.load(self.image_ids[0], mmap=True)
         self.dim = sum(int(m.shape[-1]) for m in first)
@@ -257,8 +269,22 @@ class StreamedPixels:
 
     def _image_maps(self, i: int) -> list[torch.Tensor]:
         if i not in self._maps:
-            self._maps[i] = self.store.load(self.image_ids[i], mmap=True)
+            arrays = self.store.map_arrays(self.image_ids[i])
+            self._arrays.extend(arrays)
+            self._maps[i] = [torch.from_numpy(a) for a in arrays]
         return self._maps[i]
+
+    def _release_pages(self) -> None:
+        """Drop every mapped page from the resident set; the mappings stay open (re-opening 15 maps
+        per image would cost more than the sampling) and the page cache keeps the data warm."""
+        for array in self._arrays:
+            handle = getattr(array, "_mmap", None)
+            if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                handle.madvise(mmap.MADV_DONTNEED)
+            else:  # no madvise on this platform: close the mappings instead
+                self._maps.clear()
+                self._arrays.clear()
+                return
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """int64 ``[n]`` pixel indices -> float32 ``[n, dim]`` features."""
@@ -272,7 +298,7 @@ class StreamedPixels:
             # 4 neighbours per pixel, at most the whole map
             touch = sum(min(4 * n * r, total) for r, total in zip(self._read_bytes, self._map_bytes))
             if self._touched + touch > self.max_resident_bytes:
-                self._maps.clear()  # drop the mappings; their resident pages go with them
+                self._release_pages()
                 self._touched = 0
             self._touched += touch
             rows = order[start : start + n]

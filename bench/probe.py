@@ -441,13 +441,26 @@ def train_ensemble(source: PixelSource, num_classes: int, *, seeds: Sequence[int
         raise BenchError(f"got {len(seeds)} seeds for {config.members} members")
     _check_source(source, num_classes, config.batch_size)
     ensemble = EnsembleMLP(source.dim, num_classes, config.members, config.hidden, seeds).to(device)
+    working = _ActiveMembers(ensemble, config.lr)
+    # On CPU the prefetch thread needs a core of its own: torch's intra-op threads from two Python
+    # threads at once oversubscribe the cores, which costs more than one fewer matmul thread.
+    threads = torch.get_num_threads()
+    if not str(device).startswith("cuda") and threads > 1:
+        torch.set_num_threads(threads - 1)
+    try:
+        return _train_loop(source, ensemble, working, seeds, config, device, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_loop(source: "PixelSource", ensemble: "EnsembleMLP", working: "_ActiveMembers", seeds: Sequence[int],
+                config: "TrainConfig", device: str, progress: bool) -> tuple["EnsembleMLP", list[dict]]:
+    """The step loop of :func:`train_ensemble` (see there)."""
     batch, n_pixels = config.batch_size, source.num_pixels
     steps_per_epoch = n_pixels // batch  # drop_last
     shufflers = [torch.Generator().manual_seed(int(s)) for s in seeds]
     stoppers = [EarlyStopper(config.min_epochs, config.patience) for _ in seeds]
     infos = [_new_info() for _ in seeds]
-
-    working = _ActiveMembers(ensemble, config.lr)
 
     budget = steps_per_epoch * config.max_epochs
     budget = min(budget, config.max_steps) if config.max_steps is not None else budget
