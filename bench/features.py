@@ -250,6 +250,9 @@ class StreamedPixels:
         >>> # see tests/test_features.py::test_streamed_pixels_equal_dense_upsample
     """
 
+    #: tells the trainer that gathering is real work worth a core of its own (see probe.train_ensemble)
+    gather_is_costly = True
+
     def __init__(self, store: FeatureStore, image_ids: Sequence[str], index: PixelIndex, *,
                  max_resident_bytes: int = 1 << 30) -> None:
         self.store, self.image_ids, self.index = store, list(image_ids), index

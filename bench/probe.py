@@ -200,7 +200,8 @@ class PixelSource(Protocol):
     """Training pixels as the feature store provides them (labels already filtered of ignore).
 
     ``gather(index int64 [n]) -> float32 [n, dim]``; ``labels`` is int64 ``[num_pixels]``. Anything
-    with these members works; the probe asks for ``members * batch_size`` pixels per step.
+    with these members works; the probe asks for ``members * batch_size`` pixels per step. An optional
+    ``gather_is_costly = True`` (e.g. sampling from disk) gives the loading thread a core of its own.
 
     Example:
         >>> import torch
@@ -442,10 +443,12 @@ def train_ensemble(source: PixelSource, num_classes: int, *, seeds: Sequence[int
     _check_source(source, num_classes, config.batch_size)
     ensemble = EnsembleMLP(source.dim, num_classes, config.members, config.hidden, seeds).to(device)
     working = _ActiveMembers(ensemble, config.lr)
-    # On CPU the prefetch thread needs a core of its own: torch's intra-op threads from two Python
-    # threads at once oversubscribe the cores, which costs more than one fewer matmul thread.
+    # On CPU a costly gather (sampling features from disk) needs a core of its own for the prefetch
+    # thread: torch's intra-op threads from two Python threads at once oversubscribe the cores, which
+    # costs more than one fewer matmul thread. A cheap gather (features in RAM) keeps every thread.
     threads = torch.get_num_threads()
-    if not str(device).startswith("cuda") and threads > 1:
+    costly = bool(getattr(source, "gather_is_costly", False))
+    if costly and not str(device).startswith("cuda") and threads > 1:
         torch.set_num_threads(threads - 1)
     try:
         return _train_loop(source, ensemble, working, seeds, config, device, progress)
