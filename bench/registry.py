@@ -165,8 +165,27 @@ def split_variant(name: str) -> tuple[str, str | None]:
     return head, (variant if sep else None)
 
 
+def resolve_name(name: str) -> tuple[type[Backbone], str | None, dict[str, Any]]:
+    """``arch[.tag][:variant]`` -> (class, tag or None, constructor kwargs carried by the name).
+
+    Example:
+        >>> cls, tag, extra = resolve_name("pixels")
+        >>> cls.name, tag, extra
+        ('pixels', None, {})
+    """
+    head, variant = split_variant(name)
+    arch, tag = split_name(head)
+    cls = _lookup(arch)
+    extra: dict[str, Any] = {}
+    if variant is not None:
+        if not cls.variant_arg:
+            raise RegistryError(f"backbone {cls.name!r} takes no ':variant' in its name (got {name!r})")
+        extra[cls.variant_arg] = variant
+    return cls, tag, extra
+
+
 def create_backbone(name: str, *, pretrained: bool = True, device: str = "cpu", **kwargs: Any) -> Backbone:
-    """Build a backbone by name (``arch`` or ``arch.tag``).
+    """Build a backbone by name (``arch``, ``arch.tag`` or ``arch:variant``).
 
     ``pretrained=False`` builds the tag's architecture with random weights and downloads nothing.
     Extra keyword arguments go to the plugin (layers, timesteps, seed, checkpoint path, ...).
@@ -176,13 +195,8 @@ def create_backbone(name: str, *, pretrained: bool = True, device: str = "cpu", 
         >>> bb.num_features
         5
     """
-    head, variant = split_variant(name)
-    arch, tag = split_name(head)
-    cls = _lookup(arch)
+    cls, tag, extra = resolve_name(name)
+    kwargs.update(extra)
     if tag is not None:
         kwargs["tag"] = tag
-    if variant is not None:
-        if not cls.variant_arg:
-            raise RegistryError(f"backbone {cls.name!r} takes no ':variant' in its name (got {name!r})")
-        kwargs[cls.variant_arg] = variant
     return cls(pretrained=pretrained, device=device, **kwargs)

@@ -23,7 +23,7 @@ import torch
 
 from bench import data, features, metrics, probe
 from bench.errors import BenchError
-from bench.registry import get_backbone_class, split_name, split_variant
+from bench.registry import resolve_name, split_name
 from bench.results import SCHEMA, peak_rss_bytes, provenance, run_path, write_json_atomic
 
 GiB = 1024**3
@@ -100,15 +100,9 @@ def build_backbone(spec: RunSpec, card: data.DatasetCard, device: str):
         >>> bb.name
         'pixels'
     """
-    head, variant = split_variant(spec.backbone)
-    arch, tag = split_name(head)
-    cls = get_backbone_class(arch)
+    cls, tag, extra = resolve_name(spec.backbone)
     tag = _pick_tag(cls, tag, card.domain)
-    kwargs = dict(spec.backbone_kwargs)
-    if variant is not None:
-        if not cls.variant_arg:
-            raise BenchError(f"backbone {cls.name!r} takes no ':variant' in its name (got {spec.backbone!r})")
-        kwargs[cls.variant_arg] = variant
+    kwargs = {**spec.backbone_kwargs, **extra}
     if "seed" in inspect.signature(cls.__init__).parameters and "seed" not in kwargs:
         kwargs["seed"] = spec.seed
     if tag is not None:
