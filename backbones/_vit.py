@@ -81,7 +81,8 @@ def weights_path(backbone: "Backbone", checkpoint: str | Path | None, *, module_
         path = Path(checkpoint)
         if not path.is_file():
             raise CheckpointError(f"{backbone.name} checkpoint file not found: {path}")
-        return path
+        # A random-init control never loads weights, the user's file included.
+        return path if backbone.pretrained else None
     if not backbone.pretrained:
         return None
     from bench.hub import fetch_weights

@@ -147,13 +147,14 @@ class DDPM(Backbone):
                 model = self._configure(stored, blocks, steps)
                 self._set_noise(noise, seed)
 
-        if path is not None:
+        if path is not None and pretrained:
             from bench.checkpoints import load_state_dict, load_strict
             from bench.hub import sha256_file
 
             load_strict(model, load_state_dict(path), source=str(path))  # materialises on CPU
             self._weights_sha256 = sha256_file(path)
         elif str(device) != "meta":
+            # A random-init control: the checkpoint (if any) gave its architecture, never its tensors.
             # Seeded, so random-init features are reproducible; fork_rng leaves the global RNG untouched.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

@@ -102,13 +102,15 @@ class TimmAny(Backbone):
         kwargs: dict[str, Any] = {"features_only": True}
         if self.out_indices is not None:
             kwargs["out_indices"] = self.out_indices
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise CheckpointError(f"timm checkpoint file not found: {checkpoint}")
+        if not pretrained:
+            checkpoint = None  # a random-init control never loads weights, the user's file included
         if checkpoint is not None:
             from bench.checkpoints import check_state_dict, load_state_dict
             from bench.hub import sha256_file
 
             path = Path(checkpoint)
-            if not path.is_file():
-                raise CheckpointError(f"timm checkpoint file not found: {path}")
             state_dict = load_state_dict(path)
             check_state_dict(full, state_dict, source=str(path))  # our message, before timm sees the file
             # timm loads the in-memory dict into the full model (strictly), then wraps that model for

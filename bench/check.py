@@ -132,7 +132,8 @@ def check_backbone(name: str, *, evaluate: bool = True, out: Path | None = None)
         from bench.runner import RunSpec, run
 
         folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="bench-check-"))
-        spec = RunSpec(backbone=name, dataset="demo", seed=0, pretrained=False, out=folder,
+        # Its own label: a 2-image check must never stand in for a real run's result.
+        spec = RunSpec(backbone=name, dataset="demo", seed=0, pretrained=False, out=folder, name=f"{name}-check",
                        cache=folder / "features", max_train=2, max_test=2, progress=False)
         result = run(spec)
         yield (f"4-image demo evaluation (random weights, 2 train / 2 test): mIoU official "

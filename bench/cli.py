@@ -1,7 +1,8 @@
 """The ``bench`` command line: ls, run, report, download, check, pretrain.
 
-A user's mistake (a wrong name, a missing file, a bad value) prints one ``bench: error: ...`` line
-and exits with status 2; tracebacks are for bugs.
+A failure prints one ``bench: error: ...`` line, never a traceback (tracebacks are for bugs). Exit
+status: 0 success, 2 a usage error (a wrong name, option or value), 1 a failure at run time (a
+download, a checkpoint, a data file), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -34,12 +35,14 @@ def _positive_int(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
+    import math
+
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return value
 
 
@@ -81,7 +84,7 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "datasets":
-        from bench.data import list_cards
+        from bench.cards import list_cards
 
         cards = list_cards()
         if args.json:
@@ -117,13 +120,16 @@ def _run_specs(args: argparse.Namespace) -> list:
     if args.weights:
         options["checkpoint"] = args.weights
     backbones = [b for b in args.backbone.split(",") if b]
+    if args.name and len(backbones) > 1:
+        raise BenchError(f"--name {args.name!r} would label all {len(backbones)} backbones alike; "
+                         f"run them one at a time to name them")
     pretrained = [args.pretrained] if not args.random_controls else [True, False]
     return [
         RunSpec(
             backbone=b, dataset=args.dataset, seed=s, pretrained=p, split=args.split,
             backbone_kwargs=options, device=args.device, max_memory_gb=args.max_memory,
             out=Path(args.out), progress=not args.no_progress, name=args.name or "",
-            extract_batch=args.batch_size,
+            extract_batch=args.batch_size, fit=args.fit, cache_dtype=args.cache_dtype, overwrite=args.overwrite,
         )
         for b in backbones for p in pretrained for s in (args.seeds if args.split == "resplit" else [0])
         # --random-controls: a backbone without weights has no random-init control distinct from itself
@@ -137,14 +143,46 @@ def _has_weights(name: str) -> bool:
     return bool(get_backbone_class(name).weights)
 
 
+def check_writable(folder: Path, option: str = "--out") -> None:
+    """Fail now, with one line, if results cannot be written under ``folder`` (not after the runs).
+
+    Example:
+        >>> import tempfile
+        >>> check_writable(Path(tempfile.mkdtemp()) / "new")
+    """
+    import os
+    import tempfile
+
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise BenchError(f"{option} {folder}: {existing} is a file, not a folder")
+    target = existing if not folder.exists() else folder
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise BenchError(f"{option} {folder}: {target} is not writable")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise BenchError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from exc
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bench import report, runner
-    from bench.data import get_card
-    from bench.registry import get_backbone_class
+    from bench.cards import get_card
+    from bench.registry import check_kwargs, resolve_name
 
     get_card(args.dataset)  # fail on a wrong name before any work starts
+    options = parse_options(args.set or [])
     for name in args.backbone.split(","):
-        get_backbone_class(name)
+        cls, _, extra = resolve_name(name)
+        check_kwargs(cls, {**options, **extra, **({"checkpoint": args.weights} if args.weights else {})})
+    if args.weights and not Path(args.weights).is_file():
+        raise BenchError(f"--weights {args.weights}: no such file")
+    check_writable(Path(args.out))
     specs = _run_specs(args)
     for i, spec in enumerate(specs, 1):
         tag = "random init" if not spec.pretrained else "pretrained"
@@ -161,6 +199,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     text = report.render(Path(args.out), args.format, args.variant)
     if args.output:
+        check_writable(Path(args.output).parent, "--output")
         from bench.results import write_text_atomic
 
         write_text_atomic(Path(args.output), text)
@@ -215,11 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["ls", "datasets"]).what
         'datasets'
     """
-    p = argparse.ArgumentParser(prog="bench", description="Few-shot semantic segmentation benchmark harness.")
-    sub = p.add_subparsers(dest="command", required=True)
+    import bench
+
+    p = argparse.ArgumentParser(prog="bench", description="Few-shot semantic segmentation benchmark harness.",
+                                epilog="exit status: 0 ok, 1 run-time failure (download, checkpoint, data), "
+                                       "2 usage error, 130 interrupted")
+    p.add_argument("--version", action="version", version=f"bench {bench.__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("ls", help="list backbones or datasets")
-    ls.add_argument("what", choices=["backbones", "datasets"])
+    ls.add_argument("what", choices=["backbones", "datasets"], help="what to list")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_ls)
 
@@ -239,36 +283,44 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-memory", type=_positive_float, default=4.0, metavar="GB",
                      help="memory ceiling for the probe stage, GiB (default 4)")
     run.add_argument("--batch-size", type=_positive_int, default=4, help="images per feature-extraction batch (default 4)")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--fit", choices=["stretch", "crop"], default="stretch",
+                     help="non-square images: stretch to the model's square input and score at the label's own "
+                          "resolution (default), or crop the central square")
+    run.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16",
+                     help="precision of the on-disk feature cache (default float16)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a result of another configuration under the same label (default: refuse)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
     run.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="collate results into the paper's Table 2 shape")
     rep.add_argument("--out", default="reports", help="results root (default: reports/)")
-    rep.add_argument("--format", choices=["md", "csv", "latex"], default="md")
-    rep.add_argument("--variant", choices=["official", "standard"], default="official")
+    rep.add_argument("--format", choices=["md", "csv", "latex"], default="md", help="output format (default md)")
+    rep.add_argument("--variant", choices=["official", "standard"], default="official",
+                     help="which mIoU (default official); paper values and deltas only for official")
     rep.add_argument("--output", help="write to this file instead of stdout")
     rep.set_defaults(func=cmd_report)
 
     dl = sub.add_parser("download", help="download a dataset and/or a backbone's weights into the cache")
-    dl.add_argument("--dataset")
-    dl.add_argument("--backbone")
-    dl.add_argument("--no-progress", action="store_true")
+    dl.add_argument("--dataset", help="card name/alias to download")
+    dl.add_argument("--backbone", help="NAME[.TAG] whose official weights to download")
+    dl.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
     dl.set_defaults(func=cmd_download)
 
     chk = sub.add_parser("check", help="run the plugin contract and a 4-image evaluation for a backbone")
-    chk.add_argument("--backbone", required=True)
+    chk.add_argument("--backbone", required=True, help="registered name to check")
     chk.add_argument("--no-eval", action="store_true", help="contract only")
     chk.add_argument("--out", help="where the evaluation writes (default: a temporary folder)")
     chk.set_defaults(func=cmd_check)
 
     pre = sub.add_parser("pretrain", help="pretrain a backbone on a dataset's unlabeled images")
-    pre.add_argument("backbone")
+    pre.add_argument("backbone", help="registered name of a backbone with a pretraining recipe (ddpm)")
     pre.add_argument("--dataset", required=True, help="card name/alias or a folder of images")
     pre.add_argument("--out", required=True, help="output folder (resumes if it holds a training state)")
-    pre.add_argument("--steps", type=_positive_int, default=10000)
-    pre.add_argument("--batch-size", type=_positive_int, default=16)
-    pre.add_argument("--seed", type=int, default=0)
-    pre.add_argument("--device", default="cpu")
+    pre.add_argument("--steps", type=_positive_int, default=10000, help="optimiser steps (default 10000)")
+    pre.add_argument("--batch-size", type=_positive_int, default=16, help="images per step (default 16)")
+    pre.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
+    pre.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     pre.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. num_channels=64 or lr=2e-4")
     pre.set_defaults(func=cmd_pretrain)
     return p
@@ -285,8 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 2
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"bench: error: {message}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("bench: interrupted; finished runs are kept and the rest resumes on the next call", file=sys.stderr)
         return 130

@@ -125,6 +125,9 @@ class Backbone:
     tiny: ClassVar[Mapping[str, Any]] = {}
     #: if set, ``"arch:value"`` names pass ``value`` as this keyword (``timm:convnext_base`` -> model=...)
     variant_arg: ClassVar[str | None] = None
+    #: bump when a fix changes what ``forward_features`` returns: cached features of older versions are
+    #: then never served again (part of ``config()``, hence of the feature-cache and run keys)
+    feature_version: ClassVar[int] = 1
 
     def __init__(self, *, tag: str | None = None, pretrained: bool = True, device: str = "cpu") -> None:
         if tag is None:
@@ -178,6 +181,7 @@ class Backbone:
         """
         return {
             "backbone": self.name,
+            "feature_version": self.feature_version,
             "tag": self.tag,
             "pretrained": self.pretrained,
             "weights_sha256": self.weights_sha256(),

@@ -60,8 +60,13 @@ def _source_table(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tens
     return lo, hi, src - lo
 
 
-def sample_maps(maps: Sequence[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
-    """Features of pixels ``(ys, xs)`` of a ``size x size`` image from channels-last native maps.
+def sample_maps(maps: Sequence[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor,
+                size: int | tuple[int, int]) -> torch.Tensor:
+    """Features of pixels ``(ys, xs)`` of a ``size x size`` (or ``(height, width)``) grid from channels-last native maps.
+
+    The grid is the resolution a label is scored at: the model's square input for square images,
+    a non-square label's own size otherwise (:mod:`bench.images`); each map is bilinearly
+    upsampled to that grid, so its rows and columns scale independently.
 
     ``maps[i]`` is ``[h_i, w_i, C_i]`` (any float dtype, e.g. an fp16 memmap-backed tensor); the result
     is ``[n, sum C_i]`` float32 and equals ``upsample_concat`` followed by indexing at those pixels
@@ -72,6 +77,7 @@ def sample_maps(maps: Sequence[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor
         >>> sample_maps([m], torch.tensor([0, 3]), torch.tensor([0, 3]), 4).flatten().tolist()
         [0.0, 3.0]
     """
+    height, width = (size, size) if isinstance(size, int) else size
     ys, xs = ys.long(), xs.long()
     n = len(ys)
     out = torch.empty(n, sum(int(m.shape[-1]) for m in maps), dtype=torch.float32)
@@ -80,8 +86,8 @@ def sample_maps(maps: Sequence[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor
     for m in maps:
         h, w, c = (int(s) for s in m.shape)
         if (h, w) not in neighbours:  # maps of one size (e.g. every step's block) share the lookup
-            y_lo, y_hi, y_w = (t[ys] for t in _source_table(h, size))
-            x_lo, x_hi, x_w = (t[xs] for t in _source_table(w, size))
+            y_lo, y_hi, y_w = (t[ys] for t in _source_table(h, height))
+            x_lo, x_hi, x_w = (t[xs] for t in _source_table(w, width))
             rows = torch.cat([y_lo * w + x_lo, y_lo * w + x_hi, y_hi * w + x_lo, y_hi * w + x_hi])
             weights = torch.stack([(1 - y_w) * (1 - x_w), (1 - y_w) * x_w, y_w * (1 - x_w), y_w * x_w])
             neighbours[h, w] = rows, weights.unsqueeze(-1)
@@ -99,12 +105,20 @@ def _atomic_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
 
 
-class FeatureStore:
-    """Native maps of one backbone configuration, cached on disk in fp16, channels-last.
+#: bump when the store's layout or the meaning of a stored map changes: every old entry is then a miss
+STORE_VERSION = 2
+CACHE_DTYPES = ("float16", "float32")
 
-    Layout: ``root/<backbone>/<key>/<image-hash>/m<i>.npy`` where ``key`` hashes the backbone's
-    ``config()`` (name, weights sha256, layers, timesteps, noise seed, ...) and the image size, and
-    ``config.json`` records it. Each image folder is written to a temporary name and renamed, so an
+
+class FeatureStore:
+    """Native maps of one backbone configuration, cached on disk (fp16 by default), channels-last.
+
+    Layout: ``root/<backbone>/<key>/<image id>/m<i>.npy`` where ``key`` hashes the backbone's
+    ``config()`` (name, weights sha256, layers, timesteps, noise seed, the plugin's
+    ``feature_version``, ...), the image size, the stored dtype and :data:`STORE_VERSION`, and
+    ``config.json`` records it. The runner uses the sha256 of the image file (and the fit rule, part
+    of ``config``) as the image id, so an edited image or another folder's file never reads
+    another's features. Each image folder is written to a temporary name and renamed, so an
     interrupted extraction leaves no half-written entry and simply resumes.
 
     Example:
@@ -115,8 +129,11 @@ class FeatureStore:
         False
     """
 
-    def __init__(self, root: str | Path, config: dict, image_size: int) -> None:
-        self.config = {**config, "image_size": image_size}
+    def __init__(self, root: str | Path, config: dict, image_size: int, dtype: str = "float16") -> None:
+        if dtype not in CACHE_DTYPES:
+            raise BenchError(f"feature cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+        self.dtype = getattr(torch, dtype)
+        self.config = {**config, "image_size": image_size, "cache_dtype": dtype, "store_version": STORE_VERSION}
         blob = json.dumps(self.config, sort_keys=True, default=str).encode()
         self.key = hashlib.sha256(blob).hexdigest()[:20]
         self.image_size = image_size
@@ -136,12 +153,12 @@ class FeatureStore:
         return (self._image_dir(image_id) / "done").exists()
 
     def put(self, image_id: str, maps: Sequence[torch.Tensor]) -> None:
-        """Store one image's maps (``[C, h, w]`` each) as fp16 channels-last, atomically."""
+        """Store one image's maps (``[C, h, w]`` each) in the store's dtype, channels-last, atomically."""
         final = self._image_dir(image_id)
         tmp = _atomic_dir(final)
         try:
             for i, m in enumerate(maps):
-                arr = m.detach().to("cpu", torch.float16).permute(1, 2, 0).contiguous().numpy()
+                arr = m.detach().to("cpu", self.dtype).permute(1, 2, 0).contiguous().numpy()
                 np.save(tmp / f"m{i}.npy", arr)
             (tmp / "done").write_text(image_id)
             if final.exists():  # a concurrent writer finished first: keep theirs
@@ -153,7 +170,7 @@ class FeatureStore:
             raise
 
     def load(self, image_id: str, *, mmap: bool = False) -> list[torch.Tensor]:
-        """The cached maps of ``image_id`` as ``[h, w, C]`` fp16 tensors (memory-mapped if ``mmap``)."""
+        """The cached maps of ``image_id`` as ``[h, w, C]`` tensors (memory-mapped if ``mmap``)."""
         if mmap:
             return [torch.from_numpy(a) for a in self.map_arrays(image_id)]
         return [torch.from_numpy(np.load(f)) for f in self._files(image_id)]
@@ -165,7 +182,7 @@ class FeatureStore:
         return sorted(folder.glob("m*.npy"), key=lambda p: int(p.stem[1:]))
 
     def map_arrays(self, image_id: str) -> list[np.memmap]:
-        """The cached maps of ``image_id`` as memory-mapped ``[h, w, C]`` fp16 arrays.
+        """The cached maps of ``image_id`` as memory-mapped ``[h, w, C]`` arrays.
 
         Copy-on-write mappings ("c"): torch wants writable arrays, and we never write, so no page is
         ever copied; the file on disk cannot be modified through them.
@@ -186,10 +203,10 @@ class FeatureStore:
 
         ``load_images(ids) -> uint8 [B, 3, H, W]``; ``extract(images) -> list of [B, C, h, w]``.
         """
-        from tqdm.auto import tqdm
+        from bench.progress import progress as progress_bar
 
         todo = [i for i in dict.fromkeys(image_ids) if not self.has(i)]
-        with tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo) as bar:
+        with progress_bar(total=len(todo), desc=desc, unit="img", enabled=progress and bool(todo)) as bar:
             for start in range(0, len(todo), batch_size):
                 ids = todo[start : start + batch_size]
                 maps = extract(load_images(ids))
@@ -206,6 +223,7 @@ class PixelIndex:
     y: torch.Tensor  # int32 [n]
     x: torch.Tensor  # int32 [n]
     labels: torch.Tensor  # int64 [n]
+    shapes: list[tuple[int, int]]  # (height, width) of each image's label grid, the sampling grid
 
 
 def build_pixel_index(labels: Iterable[np.ndarray], ignore_label: int) -> PixelIndex:
@@ -213,11 +231,12 @@ def build_pixel_index(labels: Iterable[np.ndarray], ignore_label: int) -> PixelI
 
     Example:
         >>> idx = build_pixel_index([np.array([[0, 255], [1, 1]])], ignore_label=255)
-        >>> idx.labels.tolist(), idx.y.tolist(), idx.x.tolist()
-        ([0, 1, 1], [0, 1, 1], [0, 0, 1])
+        >>> idx.labels.tolist(), idx.y.tolist(), idx.x.tolist(), idx.shapes
+        ([0, 1, 1], [0, 1, 1], [0, 0, 1], [(2, 2)])
     """
-    parts = []
+    parts, shapes = [], []
     for i, lab in enumerate(labels):
+        shapes.append((int(lab.shape[0]), int(lab.shape[1])))
         ys, xs = np.nonzero(lab != ignore_label)
         parts.append((np.full(len(ys), i, dtype=np.int32), ys, xs, lab[ys, xs]))
     if not parts:
@@ -231,6 +250,7 @@ def build_pixel_index(labels: Iterable[np.ndarray], ignore_label: int) -> PixelI
         y=torch.from_numpy(cat[1].astype(np.int32)),
         x=torch.from_numpy(cat[2].astype(np.int32)),
         labels=torch.from_numpy(cat[3].astype(np.int64)),
+        shapes=shapes,
     )
 
 
@@ -306,7 +326,7 @@ class StreamedPixels:
             self._touched += touch
             rows = order[start : start + n]
             pix = index[rows]
-            out[rows] = sample_maps(self._image_maps(i), self.index.y[pix], self.index.x[pix], self.store.image_size)
+            out[rows] = sample_maps(self._image_maps(i), self.index.y[pix], self.index.x[pix], self.index.shapes[i])
             start += n
         return out
 
@@ -334,7 +354,7 @@ class DensePixels:
         for i, n in enumerate(counts):
             if n:
                 rows = order[start : start + n]
-                self._feats[rows] = sample_maps(store.load(image_ids[i]), index.y[rows], index.x[rows], store.image_size)
+                self._feats[rows] = sample_maps(store.load(image_ids[i]), index.y[rows], index.x[rows], index.shapes[i])
             start += n
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:

@@ -184,6 +184,30 @@ def resolve_name(name: str) -> tuple[type[Backbone], str | None, dict[str, Any]]
     return cls, tag, extra
 
 
+def check_kwargs(cls: type[Backbone], kwargs: dict[str, Any]) -> None:
+    """Refuse a setting the plugin's constructor does not take, with a "did you mean", before any work.
+
+    Example:
+        >>> check_kwargs(get_backbone_class("pixels"), {"tag": None})
+        >>> check_kwargs(get_backbone_class("pixels"), {"bogus": 1})
+        Traceback (most recent call last):
+        bench.errors.RegistryError: backbone 'pixels' has no setting 'bogus' (its settings: none)
+    """
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    settable = [n for n in known if n not in ("tag", "pretrained", "device")]
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, settable, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RegistryError(f"backbone {cls.name!r} has no setting {key!r}{hint} (its settings: "
+                                f"{', '.join(settable) or 'none'})")
+
+
 def create_backbone(name: str, *, pretrained: bool = True, device: str = "cpu", **kwargs: Any) -> Backbone:
     """Build a backbone by name (``arch``, ``arch.tag`` or ``arch:variant``).
 
@@ -199,4 +223,5 @@ def create_backbone(name: str, *, pretrained: bool = True, device: str = "cpu", 
     kwargs.update(extra)
     if tag is not None:
         kwargs["tag"] = tag
+    check_kwargs(cls, kwargs)
     return cls(pretrained=pretrained, device=device, **kwargs)

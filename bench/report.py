@@ -1,9 +1,12 @@
 """Collate run results into the paper's Table 2 shape: rows backbones, columns datasets.
 
-Each cell is the mean ± sample standard deviation (n-1) of the official mIoU over the seeds found,
-in percent, with the paper's value and the delta in percentage points when the backbone's weights
-table has one for that dataset. Markdown by default; CSV (one row per backbone x dataset, every
-number in its own column) and LaTeX on request.
+Each cell is the mean ± sample standard deviation (n-1) of the mIoU over the re-split seeds found,
+in percent. The released split is never averaged into the re-splits: it has a column of its own
+(the spec asks for it to be always reported). The paper's value and the delta (percentage points)
+appear only where they mean something: the official mIoU, of a result computed with the official
+weights that the paper's number was measured with (not a user's ``--weights``, not a random-init
+control). Results of different configurations under one label (``config_key``) are never averaged
+together: each gets its own row. Markdown by default; CSV and LaTeX on request.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from bench.results import iter_results
 PAPER_ORDER = ["bedroom_28", "ffhq_34", "cat_15", "horse_21", "celeba_19", "ade_bedroom_30"]
 
 
-def _paper_value(arch: str, tag: str | None, dataset: str, pretrained: bool) -> tuple[float, float] | None:
-    if not pretrained or tag is None:
+def _paper_value(arch: str, tag: str | None, dataset: str, pretrained: bool, weights_source: str = "official",
+                 weights_sha256: str = "") -> tuple[float, float] | None:
+    if not pretrained or tag is None or weights_source != "official":
         return None
     from bench.errors import BenchError
     from bench.registry import get_backbone_class
@@ -29,41 +33,56 @@ def _paper_value(arch: str, tag: str | None, dataset: str, pretrained: bool) -> 
     except BenchError:  # a result from a plugin that is not installed here
         return None
     entry = weights.get(tag)
-    value = entry.paper_miou.get(dataset) if entry else None
+    if entry is None or (entry.sha256 and weights_sha256 and entry.sha256.lower() != weights_sha256.lower()):
+        return None  # not the file the paper's number was measured with
+    value = entry.paper_miou.get(dataset)
     return tuple(value) if value else None
 
 
 def collect(out: Path, variant: str = "official") -> pd.DataFrame:
-    """One row per (backbone, dataset): n seeds, mean, std (percent), paper mean/std, delta.
+    """One row per (backbone, dataset, split kind, config): n seeds, mean, std (percent), paper, delta.
 
     Example:
         >>> collect(Path("/nonexistent")).empty
         True
     """
+    columns = ["backbone", "dataset", "split", "config_key", "n", "mean", "std", "paper_mean", "paper_std", "delta"]
     rows = [
         {
             "backbone": r["backbone"], "arch": r.get("arch", r["backbone"]), "tag": r.get("tag"),
-            "pretrained": r.get("pretrained", True), "dataset": r["dataset"], "seed": r["seed"],
+            "pretrained": r.get("pretrained", True), "dataset": r["dataset"], "split": r.get("split", "resplit"),
+            "seed": r["seed"], "config_key": r.get("config_key", ""),
+            "weights_source": r.get("weights_source", ""),
+            "weights_sha256": r.get("provenance", {}).get("weights_sha256", ""),
             "miou": 100.0 * r["miou"][variant],
         }
         for r in iter_results(out)
     ]
     if not rows:
-        return pd.DataFrame(columns=["backbone", "dataset", "n", "mean", "std", "paper_mean", "paper_std", "delta"])
+        return pd.DataFrame(columns=columns)
     df = pd.DataFrame(rows)
     table = []
-    for (backbone, dataset), g in df.groupby(["backbone", "dataset"], sort=False):
+    for (backbone, dataset, split, config_key), g in df.groupby(
+            ["backbone", "dataset", "split", "config_key"], sort=False):
         first = g.iloc[0]
-        paper = _paper_value(first["arch"], first["tag"], dataset, bool(first["pretrained"]))
+        paper = None
+        if variant == "official":  # the paper reports the official metric only
+            paper = _paper_value(first["arch"], first["tag"], dataset, bool(first["pretrained"]),
+                                 first["weights_source"], first["weights_sha256"])
         mean = g["miou"].mean()
         table.append({
-            "backbone": backbone, "dataset": dataset, "n": len(g), "mean": mean,
-            "std": g["miou"].std(ddof=1) if len(g) > 1 else float("nan"),
+            "backbone": backbone, "dataset": dataset, "split": split, "config_key": config_key, "n": len(g),
+            "mean": mean, "std": g["miou"].std(ddof=1) if len(g) > 1 else float("nan"),
             "paper_mean": paper[0] if paper else float("nan"),
             "paper_std": paper[1] if paper else float("nan"),
             "delta": mean - paper[0] if paper else float("nan"),
         })
-    return pd.DataFrame(table)
+    out_df = pd.DataFrame(table, columns=columns)
+    # One label, several configurations (e.g. seeds run before and after a change): say which row is which.
+    clash = out_df.groupby(["backbone", "dataset", "split"])["config_key"].transform("nunique") > 1
+    out_df.loc[clash, "backbone"] = out_df.loc[clash].apply(
+        lambda r: f"{r['backbone']} [config {r['config_key'][:8]}]", axis=1)
+    return out_df
 
 
 def _dataset_order(names) -> list[str]:
@@ -98,11 +117,17 @@ def wide_table(df: pd.DataFrame, pm: str = "±") -> pd.DataFrame:
         return pd.DataFrame()
     titles = _titles()
     order = _dataset_order(df["dataset"])
-    cells = {(r["backbone"], r["dataset"]): _cell(r, pm) for _, r in df.iterrows()}
+    columns = [(d, split) for d in order for split in ("resplit", "released")
+               if ((df["dataset"] == d) & (df["split"] == split)).any()]
+    cells = {(r["backbone"], r["dataset"], r["split"]): _cell(r, pm) for _, r in df.iterrows()}
     backbones = list(dict.fromkeys(df.sort_values("mean", ascending=True)["backbone"]))
+
+    def title(d: str, split: str) -> str:
+        return titles.get(d, d) + (" (released split)" if split == "released" else "")
+
     table = pd.DataFrame(
-        [[cells.get((b, d), "–") for d in order] for b in backbones],
-        index=backbones, columns=[titles.get(d, d) for d in order],
+        [[cells.get((b, d, split), "–") for d, split in columns] for b in backbones],
+        index=backbones, columns=[title(d, split) for d, split in columns],
     )
     table.index.name = "method"
     return table
@@ -122,12 +147,12 @@ def to_markdown(df: pd.DataFrame, variant: str = "official") -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in table.iterrows():
         lines.append("| " + " | ".join([str(name), *row.tolist()]) + " |")
-    n = sorted(set(df["n"].tolist()))
+    n = sorted(set(df.loc[df["split"] == "resplit", "n"].tolist()))
     lines.append("")
-    lines.append(
-        f"mIoU ({variant}, %), mean ± sample std (n-1) over {', '.join(map(str, n))} seed(s); "
-        "paper values and Δ (percentage points) where the weights table has them."
-    )
+    paper = ("paper values and Δ (percentage points) for results of the official weights the paper used."
+             if variant == "official" else "no paper values: the paper reports the official mIoU only.")
+    seeds = f"mean ± sample std (n-1) over {', '.join(map(str, n))} re-split seed(s); " if n else ""
+    lines.append(f"mIoU ({variant}, %), {seeds}the released split in its own column; {paper}")
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +182,7 @@ def to_csv(df: pd.DataFrame) -> str:
 
     Example:
         >>> to_csv(collect(Path("/nonexistent"))).splitlines()[0]
-        'backbone,dataset,n,mean,std,paper_mean,paper_std,delta'
+        'backbone,dataset,split,config_key,n,mean,std,paper_mean,paper_std,delta'
     """
     return df.to_csv(index=False, float_format="%.2f")
 

@@ -1,11 +1,15 @@
-"""Run results: one JSON per (backbone, weights, dataset, split seed), written atomically.
+"""Run results: one JSON per (backbone label, dataset, split), written atomically.
 
 Layout under the results root (``--out``, default ``reports/``)::
 
-    runs/<dataset>/<backbone label>/seed<k>.json      (the split's file lists included)
+    runs/<dataset>/<backbone label>/seed<k>.json      (or seedreleased.json; file lists included)
 
-A file exists only once its run finished: runs are skipped when their JSON exists, and a run that
-was killed leaves none and is simply done again (reusing cached features).
+Every result carries a ``run_key``: a hash of everything that produced it (dataset content,
+split file lists, resolved backbone config with weights sha256, probe config, protocol version;
+see :mod:`bench.runner`). A run is skipped only when the file there has the same key. A file of
+another key under the same label is never overwritten silently: :func:`existing_result` raises a
+one-line error naming what differs, unless the caller asked to overwrite. A file exists only once
+its run finished: a killed run leaves none and is done again (reusing cached features).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA = "bench.run/1"
+SCHEMA = "bench.run/2"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -74,6 +78,49 @@ def run_path(out: Path, dataset: str, label: str, seed: int | str) -> Path:
     return Path(out) / "runs" / dataset / label / f"seed{seed}.json"
 
 
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ, with both values (short)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    if old != new:
+        def short(v: Any) -> str:
+            text = json.dumps(v, default=str)
+            return text if len(text) <= 60 else text[:57] + "..."
+        return [f"{prefix.rstrip('.')}: {short(old)} -> {short(new)}"]
+    return []
+
+
+def existing_result(path: Path, run_key: str, key_parts: dict, *, overwrite: bool = False) -> dict | None:
+    """The finished result at ``path`` if it has ``run_key``; None if there is none (or ``overwrite``).
+
+    A result of another key raises :class:`~bench.errors.ResultConflictError` naming the first
+    differences between its configuration and this one.
+
+    Example:
+        >>> existing_result(Path("/nonexistent/seed0.json"), "k", {}) is None
+        True
+    """
+    from bench.errors import ResultConflictError
+
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResultConflictError(f"cannot read the existing result {path} ({exc}); delete it or use --overwrite") from exc
+    if old.get("run_key") == run_key:
+        return old
+    if overwrite:
+        return None
+    diffs = _differences(old.get("key_parts", {}), key_parts) or ["(a result of an older harness version)"]
+    shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+    raise ResultConflictError(f"{path} holds a result of another configuration ({shown}); use --name to keep "
+                              f"both, or --overwrite to replace it")
+
+
 def iter_results(out: Path) -> Iterator[dict]:
     """Every finished run result under ``out/runs`` (files of other schemas are skipped).
 
@@ -99,6 +146,63 @@ def _git_sha() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+class PeakMemory:
+    """Peak memory of one run, not of the process: resets the counters on entry, reads them on exit.
+
+    On Linux, writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's resident high-water
+    mark (``VmHWM``) to the current RSS, so a second run in one command does not report the first
+    one's peak. Elsewhere the process peak (``ru_maxrss``) is all there is, and ``method`` says so.
+    The CUDA peak is reset with ``torch.cuda.reset_peak_memory_stats``.
+
+    Example:
+        >>> with PeakMemory("cpu") as peak:
+        ...     _ = bytearray(10**6)
+        >>> peak.rss_bytes > 0 and peak.method in ("VmHWM since run start", "process ru_maxrss")
+        True
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device, self.rss_bytes, self.gpu_bytes, self.method = device, 0, 0, "process ru_maxrss"
+
+    def __enter__(self) -> "PeakMemory":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            if _vm_hwm() is not None:
+                self.method = "VmHWM since run start"
+        except OSError:
+            pass
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def read(self) -> "PeakMemory":
+        """Update ``rss_bytes`` / ``gpu_bytes`` to the peaks so far."""
+        hwm = _vm_hwm() if self.method.startswith("VmHWM") else None
+        self.rss_bytes = hwm if hwm is not None else peak_rss_bytes()
+        if self.device.startswith("cuda"):
+            import torch
+
+            self.gpu_bytes = int(torch.cuda.max_memory_allocated())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.read()
+
+
+def _vm_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def peak_rss_bytes() -> int:

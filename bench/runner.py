@@ -1,32 +1,48 @@
-"""One benchmark run: (backbone, weights, dataset, split seed) -> a result JSON.
+"""One benchmark run: (backbone, weights, dataset, split seed) -> a result JSON, in six stages.
 
-The seed ``s`` drives everything in a run, each through its own sub-stream (``bench.data.derive_seed``):
-the split permutation (``split``), random-init weights (``init``), each ensemble member's
-initialisation and pixel order (``member``/m). Plugins that draw randomness of their own (the
-diffusion noise) take a ``seed`` argument and get ``s`` itself, so that seed 0 reproduces the
-official CPU noise recipe.
+    plan     card, split, every file read and checked, backbone built, run key  (no long work yet)
+    extract  native maps of every image into the feature store (cached, so a killed run resumes)
+    train    the training pixel index and the ensemble
+    predict  every test image, chunk by chunk: majority vote and JS uncertainty
+    score    confusion matrix -> both mIoU variants and per-class IoU
+    write    the result JSON, atomically
 
-Steps: resolve the dataset and split -> extract native maps into the feature store (cached, so a
-killed run resumes here) -> build the training pixel index -> train the ensemble -> predict the test
-images in pixel chunks -> confusion matrix -> both mIoU variants -> atomic JSON.
+The **run key** (:func:`plan`) is the one place that says what produced a number: a hash of the
+protocol version, the dataset card and the sha256 of every file, the split's file lists, the
+backbone's resolved config (weights sha256, layers, steps, noise, init seed), the feature settings
+and the probe config. A result is reused only under an equal key (:func:`bench.results.existing_result`).
+
+The seed ``s`` drives everything in a run, each through its own sub-stream (:mod:`bench.seeding`):
+the split, random-init weights (``init``), each ensemble member (``member``/m). Plugins that draw
+randomness of their own (the diffusion noise) take a ``seed`` argument and get ``s`` itself, so
+that seed 0 reproduces the official CPU noise recipe.
 """
 from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from bench import data, features, metrics, probe
+from bench import features, metrics, probe
+from bench.cards import DatasetCard, get_card
 from bench.errors import BenchError
-from bench.registry import resolve_name, split_name
-from bench.results import SCHEMA, peak_rss_bytes, provenance, run_path, write_json_atomic
+from bench.fingerprint import digest, file_sha256
+from bench.images import check_fit
+from bench.labels import load_label, training_label
+from bench.registry import check_kwargs, resolve_name, split_name
+from bench.results import SCHEMA, PeakMemory, existing_result, provenance, run_path, write_json_atomic
+from bench.samples import Sample, dataset_root, list_samples, load_image, validate_samples
+from bench.seeding import derive_seed
+from bench.splits import SPLIT_VERSION, make_split
 
 GiB = 1024**3
+#: the evaluation protocol (probe, vote, metrics, sampling); bump when a change alters results
+PROTOCOL_VERSION = "bench.protocol/2"
 
 
 def resolve_device(device: str) -> str:
@@ -74,6 +90,9 @@ class RunSpec:
     name: str = ""  # row label override
     max_train: int | None = None  # keep the first n of the split (quick checks), None = all
     max_test: int | None = None
+    fit: str = "stretch"  # how non-square images become the model's square input (bench.images)
+    cache_dtype: str = "float16"  # feature cache precision: float16 (default) or float32
+    overwrite: bool = False  # replace a result of another configuration under the same label
 
     @property
     def label(self) -> str:
@@ -82,9 +101,28 @@ class RunSpec:
         return base if self.pretrained else f"{base}-random"
 
 
-def _pick_tag(cls: type, tag: str | None, domain: str) -> str | None:
-    """The user's tag, else the one whose domain matches the dataset, else the plugin default."""
-    if tag is not None or not cls.weights:
+@dataclass
+class Plan:
+    """A run resolved before any long work: its data, its backbone and its key."""
+
+    spec: RunSpec
+    card: DatasetCard
+    train: list[Sample]
+    test: list[Sample]
+    device: str
+    backbone: Any
+    backbone_config: dict
+    weights_source: str  # "official" (the tag's own file), "user" (--weights), "none" (random init)
+    content: dict[str, str]  # sample id -> sha256 of its image file (the feature-cache image id)
+    key_parts: dict
+    run_key: str
+    config_key: str  # the run key without what the seed changes: results of one config share it
+    out_path: Path
+
+
+def _pick_tag(cls: type, tag: str | None, domain: str, user_weights: bool) -> str | None:
+    """The user's tag, else (official weights only) the one whose domain matches the dataset."""
+    if tag is not None or not cls.weights or user_weights:
         return tag
     for name, w in cls.weights.items():
         if w.domain and w.domain == domain:
@@ -92,126 +130,162 @@ def _pick_tag(cls: type, tag: str | None, domain: str) -> str | None:
     return cls.default_tag
 
 
-def build_backbone(spec: RunSpec, card: data.DatasetCard, device: str):
+def build_backbone(spec: RunSpec, card: DatasetCard, device: str):
     """Create the run's backbone: tag by dataset domain, the run seed for plugin randomness.
 
+    A random-init control (``pretrained=False``) never loads weights; a plugin may read the
+    architecture stored in a ``checkpoint`` file, nothing else.
+
     Example:
-        >>> bb = build_backbone(RunSpec("pixels", "demo"), data.get_card("demo"), "cpu")
+        >>> bb = build_backbone(RunSpec("pixels", "demo"), get_card("demo"), "cpu")
         >>> bb.name
         'pixels'
     """
     cls, tag, extra = resolve_name(spec.backbone)
-    tag = _pick_tag(cls, tag, card.domain)
     kwargs = {**spec.backbone_kwargs, **extra}
+    tag = _pick_tag(cls, tag, card.domain, user_weights=kwargs.get("checkpoint") is not None)
     if "seed" in inspect.signature(cls.__init__).parameters and "seed" not in kwargs:
         kwargs["seed"] = spec.seed
     if tag is not None:
         kwargs["tag"] = tag
+    check_kwargs(cls, kwargs)
     # Random-init controls must be reproducible: seed the global RNG that nn.Module init uses.
-    torch.manual_seed(data.derive_seed(spec.seed, "init"))
+    torch.manual_seed(derive_seed(spec.seed, "init"))
     return cls(pretrained=spec.pretrained, device=device, **kwargs)
 
 
-def _load_images(card: data.DatasetCard, samples: dict[str, data.Sample]) -> Callable[[list[str]], torch.Tensor]:
-    def load(ids: list[str]) -> torch.Tensor:
-        arrays = [data.load_image(samples[i], card) for i in ids]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+def _card_fields(card: DatasetCard) -> dict:
+    """The card's content (not where it was read from): part of the run key."""
+    data = card.to_json()
+    data.pop("path", None)
+    return data
 
-    return load
 
+def plan(spec: RunSpec) -> Plan:
+    """Stage 1: resolve and check everything, build the backbone, compute the run key.
 
-def run(spec: RunSpec) -> dict:
-    """Run (or skip, when its result exists) one benchmark unit and return its result dict.
+    Every image and label of the split is read here, so a broken file fails in seconds.
 
     Example:
-        >>> # bench.runner.run(RunSpec("pixels", "demo", seed=0, out=Path("/tmp/r")))["miou"]["official"]
+        >>> p = plan(RunSpec("pixels", "demo", seed=0, max_train=2, max_test=2, out=Path("/tmp/x")))
+        >>> len(p.run_key), p.weights_source
+        (16, 'none')
     """
+    card = get_card(spec.dataset)
+    check_fit(spec.fit)
+    root = dataset_root(card)
+    train, test = make_split(card, root, spec.seed if spec.split == "resplit" else None)
+    train, test = train[: spec.max_train], test[: spec.max_test]
+    validate_samples(train + test, card, spec.fit)
+    pool = list_samples(card, root, "train") + list_samples(card, root, "test")
+    files = {s.id: [file_sha256(s.image), file_sha256(s.label)] for s in pool}
+    device = resolve_device(spec.device)
+    backbone = build_backbone(spec, card, device)
+    config = backbone.config()
+    if not spec.pretrained:
+        config["init_seed"] = derive_seed(spec.seed, "init")
+    user_weights = spec.backbone_kwargs.get("checkpoint") is not None
+    weights_source = "none" if not config.get("weights_sha256") else ("user" if user_weights else "official")
+    probe_config = {**asdict(probe.TrainConfig(members=spec.members))}
+    member_seeds = [derive_seed(spec.seed, "member", m) for m in range(spec.members)]
+    settings = {
+        "protocol": PROTOCOL_VERSION,
+        "dataset": {"card": _card_fields(card), "content": digest(files, 32)},
+        "split": {"kind": spec.split, "version": SPLIT_VERSION, "max_train": spec.max_train, "max_test": spec.max_test},
+        "backbone": {"name": spec.backbone, "pretrained": spec.pretrained,
+                     "weights_sha256": config.get("weights_sha256", ""),
+                     "options": {k: v for k, v in spec.backbone_kwargs.items() if k != "checkpoint"}},
+        "features": {"fit": spec.fit, "cache_dtype": spec.cache_dtype, "image_size": card.resolution},
+        "probe": probe_config,
+    }
+    key_parts = {
+        **settings,
+        "seed": spec.seed if spec.split == "resplit" else None,
+        "files": {"train": [[s.id, *files[s.id]] for s in train], "test": [[s.id, *files[s.id]] for s in test]},
+        "backbone_config": config,
+        "member_seeds": member_seeds,
+    }
+    out_path = run_path(spec.out, card.name, spec.label, spec.seed if spec.split == "resplit" else "released")
+    return Plan(spec=spec, card=card, train=train, test=test, device=device, backbone=backbone,
+                backbone_config=config, weights_source=weights_source,
+                content={s.id: files[s.id][0] for s in train + test}, key_parts=key_parts,
+                run_key=digest(key_parts), config_key=digest(settings), out_path=out_path)
+
+
+def extract(p: Plan) -> features.FeatureStore:
+    """Stage 2: native maps of every train and test image into the feature store (skips cached ones)."""
     from bench.hub import bench_home
 
-    card = data.get_card(spec.dataset)
-    out_path = run_path(spec.out, card.name, spec.label, spec.seed if spec.split == "resplit" else "released")
-    if out_path.exists():
-        import json
-
-        return json.loads(out_path.read_text())
-
-    t_start = time.time()
-    device = resolve_device(spec.device)
-    budget = int(spec.max_memory_gb * GiB)
-    root = data.dataset_root(card)
-    train, test = data.make_split(card, root, spec.seed if spec.split == "resplit" else None)
-    train, test = train[: spec.max_train], test[: spec.max_test]
-    backbone = build_backbone(spec, card, device)
-
-    store_config = backbone.config()
-    if not spec.pretrained:
-        store_config["init_seed"] = data.derive_seed(spec.seed, "init")
+    spec, card = p.spec, p.card
+    store_config = {**p.backbone_config, "fit": spec.fit}
     cache = Path(spec.cache) if spec.cache else bench_home() / "features"
-    store = features.FeatureStore(cache, store_config, card.resolution)
-    key = {s.id: f"{card.name}/{s.id}" for s in train + test}
-    by_key = {key[s.id]: s for s in train + test}
+    store = features.FeatureStore(cache, store_config, card.resolution, dtype=spec.cache_dtype)
+    by_hash = {p.content[s.id]: s for s in p.train + p.test}
 
-    t0 = time.time()
-    store.ensure(
-        [key[s.id] for s in train + test],
-        _load_images(card, by_key),
-        backbone.extract,
-        batch_size=spec.extract_batch,
-        progress=spec.progress,
-        desc=f"{spec.label} features",
-    )
-    t_extract = time.time() - t0
-    del backbone  # the probe stage needs no model: give its memory back
+    def load(hashes: list[str]) -> torch.Tensor:
+        arrays = [load_image(by_hash[h], card, spec.fit) for h in hashes]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
-    t0 = time.time()
-    train_ids = [key[s.id] for s in train]
+    store.ensure([p.content[s.id] for s in p.train + p.test], load, p.backbone.extract,
+                 batch_size=spec.extract_batch, progress=spec.progress, desc=f"{spec.label} features")
+    p.backbone = None  # the later stages need no model: give its memory back
+    return store
+
+
+def train(p: Plan, store: features.FeatureStore) -> dict:
+    """Stage 3: the training pixel index, the pixel source the memory budget allows, the ensemble."""
+    spec, card = p.spec, p.card
+    budget = int(spec.max_memory_gb * GiB)
+    ids = [p.content[s.id] for s in p.train]
     index = features.build_pixel_index(
-        (data.training_label(data.load_label(s, card), card) for s in train), card.ignore_label
+        (training_label(load_label(s, card, spec.fit), card) for s in p.train), card.ignore_label
     )
-    dim = sum(int(m.shape[-1]) for m in store.load(train_ids[0], mmap=True))
+    dim = sum(int(m.shape[-1]) for m in store.load(ids[0], mmap=True))
     if features.dense_bytes(len(index.labels), dim) <= budget // 2:
-        source: Any = features.DensePixels(store, train_ids, index)
-        source_kind = "dense"
+        source: Any = features.DensePixels(store, ids, index)
+        kind = "dense"
     else:
-        source = features.StreamedPixels(store, train_ids, index, max_resident_bytes=budget // 4)
-        source_kind = "streamed"
-    seeds = [data.derive_seed(spec.seed, "member", m) for m in range(spec.members)]
-    ensemble, members_info = probe.train_ensemble(
-        source, card.num_classes, seeds=seeds, config=probe.TrainConfig(members=spec.members),
-        device=device, progress=spec.progress,
+        source = features.StreamedPixels(store, ids, index, max_resident_bytes=budget // 4)
+        kind = "streamed"
+    ensemble, members = probe.train_ensemble(
+        source, card.num_classes, seeds=p.key_parts["member_seeds"],
+        config=probe.TrainConfig(members=spec.members), device=p.device, progress=spec.progress,
     )
-    del source
-    t_train = time.time() - t0
+    return {"ensemble": ensemble, "members": members, "pixel_source": kind, "dim": dim,
+            "num_train_pixels": int(len(index.labels))}
 
-    t0 = time.time()
+
+def predict(p: Plan, store: features.FeatureStore, trained: dict) -> tuple[metrics.ConfusionMatrix, list[float]]:
+    """Stages 4-5: label every test pixel (chunked), vote, and fill the confusion matrix."""
+    from bench.progress import progress
+
+    spec, card = p.spec, p.card
+    budget = int(spec.max_memory_gb * GiB)
     cm = metrics.ConfusionMatrix(card.num_classes, card.ignore_label)
-    size = card.resolution
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    ys, xs = ys.reshape(-1), xs.reshape(-1)
-    chunk = max(1024, min(size * size, budget // 8 // max(1, dim * 4)))
     uncertainties = []
-    from tqdm.auto import tqdm
+    with progress(total=len(p.test), desc=f"{spec.label} predict", unit="img", enabled=spec.progress) as bar:
+        for s in p.test:
+            gt = load_label(s, card, spec.fit)
+            height, width = gt.shape
+            ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+            ys, xs = ys.reshape(-1), xs.reshape(-1)
+            chunk = max(1024, min(height * width, budget // 8 // max(1, trained["dim"] * 4)))
+            maps = store.load(p.content[s.id])
+            labels, js = probe.predict_chunked(
+                trained["ensemble"], lambda sl: features.sample_maps(maps, ys[sl], xs[sl], (height, width)),
+                height * width, chunk=chunk, device=p.device,
+            )
+            cm.update(labels.reshape(height, width).numpy(), gt)
+            uncertainties.append(probe.image_uncertainty(js))
+            bar.update(1)
+    return cm, uncertainties
 
-    for s in tqdm(test, desc=f"{spec.label} predict", unit="img", disable=not spec.progress):
-        maps = store.load(key[s.id])
-        labels, js = probe.predict_chunked(
-            ensemble, lambda sl: features.sample_maps(maps, ys[sl], xs[sl], size), size * size,
-            chunk=chunk, device=device,
-        )
-        cm.update(labels.reshape(size, size).numpy(), data.load_label(s, card))
-        uncertainties.append(probe.image_uncertainty(js))
-    t_predict = time.time() - t0
 
+def score(p: Plan, cm: metrics.ConfusionMatrix) -> dict:
+    """Stage 5: both mIoU variants and the per-class IoU over the classes the card counts."""
+    card = p.card
     ids = list(card.miou_class_ids)
-    result = {
-        "schema": SCHEMA,
-        "backbone": spec.label,
-        "arch": split_name(spec.backbone)[0],
-        "tag": store_config.get("tag"),
-        "pretrained": spec.pretrained,
-        "dataset": card.name,
-        "split": spec.split,
-        "seed": spec.seed,
+    return {
         "miou": {"official": cm.miou("official", ids), "standard": cm.miou("standard", ids)},
         "per_class_iou": {
             "class_ids": ids,
@@ -219,32 +293,73 @@ def run(spec: RunSpec) -> dict:
             "official": [float(v) for v in cm.iou("official", ids)],
             "standard": [None if np.isnan(v) else float(v) for v in cm.iou("standard", ids)],
         },
+    }
+
+
+def run(spec: RunSpec) -> dict:
+    """Run (or reuse, when a result with the same run key exists) one benchmark unit; returns its result.
+
+    Example:
+        >>> # bench.runner.run(RunSpec("pixels", "demo", seed=0, out=Path("/tmp/r")))["miou"]["official"]
+    """
+    t_start = time.time()
+    p = plan(spec)
+    found = existing_result(p.out_path, p.run_key, p.key_parts, overwrite=spec.overwrite)
+    if found is not None:
+        return found
+    times = {}
+    with PeakMemory(p.device) as peak:
+        t0 = time.time()
+        store = extract(p)
+        times["extract"], t0 = time.time() - t0, time.time()
+        trained = train(p, store)
+        times["train"], t0 = time.time() - t0, time.time()
+        cm, uncertainties = predict(p, store, trained)
+        times["predict"] = time.time() - t0
+    times["total"] = time.time() - t_start
+    result = {
+        "schema": SCHEMA,
+        "run_key": p.run_key,
+        "config_key": p.config_key,
+        "backbone": spec.label,
+        "arch": split_name(spec.backbone)[0],
+        "tag": p.backbone_config.get("tag"),
+        "pretrained": spec.pretrained,
+        "weights_source": p.weights_source,
+        "dataset": p.card.name,
+        "split": spec.split,
+        "seed": spec.seed if spec.split == "resplit" else None,
+        **score(p, cm),
         "mean_image_uncertainty": float(np.mean(uncertainties)) if uncertainties else None,
-        "num_train_images": len(train),
-        "num_test_images": len(test),
-        "num_train_pixels": int(len(index.labels)),
-        "feature_dim": dim,
+        "num_train_images": len(p.train),
+        "num_test_images": len(p.test),
+        "num_train_pixels": trained["num_train_pixels"],
+        "feature_dim": trained["dim"],
+        "geometry": {"fit": spec.fit, "model_input": p.card.resolution,
+                     "scored_at": "label resolution for non-square images, else the model input"
+                     if spec.fit == "stretch" else "the model input (central square crop)"},
         "config": {
-            "backbone": store_config,
+            "backbone": p.backbone_config,
             "backbone_kwargs": spec.backbone_kwargs,
             "members": spec.members,
-            "member_seeds": seeds,
-            "probe": vars(probe.TrainConfig(members=spec.members)),
-            "pixel_source": source_kind,
+            "member_seeds": p.key_parts["member_seeds"],
+            "probe": p.key_parts["probe"],
+            "pixel_source": trained["pixel_source"],
             "max_memory_gb": spec.max_memory_gb,
+            "cache_dtype": spec.cache_dtype,
             "feature_cache": str(store.folder),
         },
-        "members": members_info,
+        "key_parts": p.key_parts,
+        "members": trained["members"],
         "provenance": {
-            **provenance(device),
-            "weights_sha256": store_config.get("weights_sha256", ""),
-            "wall_time_s": {
-                "total": time.time() - t_start, "extract": t_extract, "train": t_train, "predict": t_predict,
-            },
-            "peak_rss_bytes": peak_rss_bytes(),
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0,
+            **provenance(p.device),
+            "weights_sha256": p.backbone_config.get("weights_sha256", ""),
+            "wall_time_s": times,
+            "peak_rss_bytes": peak.rss_bytes,
+            "peak_rss_method": peak.method,
+            "peak_gpu_bytes": peak.gpu_bytes,
         },
-        "files": {"train": [s.id for s in train], "test": [s.id for s in test]},
+        "files": {"train": [s.id for s in p.train], "test": [s.id for s in p.test]},
     }
-    write_json_atomic(out_path, result)
+    write_json_atomic(p.out_path, result)
     return result

@@ -234,7 +234,7 @@ def test_label_errors_name_the_file_and_values(tmp_path):
         data.load_label(sample, card)
 
 
-def test_unreadable_and_non_square_images_are_named(tmp_path):
+def test_unreadable_images_are_named_and_non_square_ones_fitted(tmp_path):
     card = _card(train=1)
     folder = tmp_path / "train"
     folder.mkdir()
@@ -244,8 +244,9 @@ def test_unreadable_and_non_square_images_are_named(tmp_path):
     with pytest.raises(DatasetError, match=r"cannot read image .*broken\.png"):
         data.load_image(sample, card)
     Image.fromarray(_image(16, width=20)).save(folder / "broken.png")
-    with pytest.raises(DatasetError, match=r"broken\.png is 20x16; images must be square"):
-        data.load_image(sample, card)
+    # Issue 8 item 21: a non-square photo is fitted to the model's square input, never refused.
+    assert data.load_image(sample, card).shape == (card.resolution, card.resolution, 3)
+    assert data.load_image(sample, card, fit="crop").shape == (card.resolution, card.resolution, 3)
 
 
 def test_resizing_to_the_card_resolution(tmp_path):

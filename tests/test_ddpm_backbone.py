@@ -183,11 +183,11 @@ def test_checkpoint_with_missing_key_or_wrong_shape_names_the_key(tmp_path):
     missing = {k: v for k, v in state.items() if k != "output_blocks.3.1.qkv.bias"}
     torch.save(missing, tmp_path / "missing.pt")
     with pytest.raises(CheckpointError, match=r"missing\.pt.*missing key 'output_blocks\.3\.1\.qkv\.bias'"):
-        tiny(checkpoint=tmp_path / "missing.pt")
+        tiny(pretrained=True, checkpoint=tmp_path / "missing.pt")
     wrong = dict(state, **{"out.2.weight": torch.zeros(3, 32, 3, 3)})
     torch.save(wrong, tmp_path / "wrong.pt")
     with pytest.raises(CheckpointError, match=r"'out\.2\.weight' has shape \(3, 32, 3, 3\), expected \(6, 32, 3, 3\)"):
-        tiny(checkpoint=tmp_path / "wrong.pt")
+        tiny(pretrained=True, checkpoint=tmp_path / "wrong.pt")
     with pytest.raises(CheckpointError, match=r"not found: .*absent\.pt"):
         tiny(checkpoint=tmp_path / "absent.pt")
 

@@ -100,7 +100,7 @@ def test_report_formats(tmp_path):
     row = df.iloc[0]
     assert row["n"] == 2 and row["backbone"] == "pixels" and row["dataset"] == "demo"
     csv = report.render(tmp_path, "csv")
-    assert csv.splitlines()[0] == "backbone,dataset,n,mean,std,paper_mean,paper_std,delta"
+    assert csv.splitlines()[0] == "backbone,dataset,split,config_key,n,mean,std,paper_mean,paper_std,delta"
     latex = report.render(tmp_path, "latex")
     assert "\\begin{tabular}" in latex and "pixels" in latex
     standard = report.collect(tmp_path, "standard")
