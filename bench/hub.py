@@ -1,12 +1,19 @@
 """Cache folder, resumable verified downloads, safe archive extraction and checkpoint lookup.
 
-Everything here uses the standard library (plus tqdm for progress bars): no ``requests``, so a bare
-install can fetch the datasets and checkpoints. Three promises hold for every function:
+Everything here uses the standard library (plus :mod:`bench.progress` for progress reports): no
+``requests``, so a bare install can fetch the datasets and checkpoints. Promises:
 
-- a file appears at its final path only when it is complete (and verified, when a sha256 is known):
-  data streams to ``<dest>.part`` and is moved into place with :func:`os.replace`;
-- a failed check leaves nothing behind (no ``.part``, no half-extracted folder);
-- every failure is a :class:`~bench.errors.BenchError` naming the url, file or archive member.
+- a file appears at its final path only when it is complete and verified: against the declared
+  sha256, else against the server's announced size (a download whose size is unknown and whose
+  sha256 is not declared is refused). Data streams to ``<dest>.part`` and is moved into place with
+  :func:`os.replace`;
+- a file downloaded without a declared sha256 gets its digest recorded in ``<dest>.sha256``
+  (``sha256sum`` format), and later calls check the file against it before reusing it;
+- a failure leaves nothing that cannot be used: only a ``.part`` the next call resumes;
+- every failure is a one-line :class:`~bench.errors.BenchError` naming the url or file, and an error
+  about a bad cache entry names the file to delete.
+
+Archives are handled by :mod:`bench.archives`; :func:`safe_extract` is re-exported here.
 """
 from __future__ import annotations
 
@@ -16,20 +23,16 @@ import logging
 import os
 import posixpath
 import secrets
-import shutil
 import socket
-import stat
-import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
-from tqdm.auto import tqdm
-
-from bench.errors import ArchiveError, CheckpointError, DownloadError
+from bench.archives import safe_extract  # noqa: F401  (re-export: bench.data calls hub.safe_extract)
+from bench.errors import CheckpointError, DownloadError
+from bench.progress import progress  # shadowed by the `progress` flags below: private code says `show`
 
 if TYPE_CHECKING:  # pragma: no cover
     from bench.contract import Weights
@@ -74,68 +77,134 @@ def sha256_file(path: Path) -> str:
         >>> sha256_file(p)[:16]
         'ba7816bf8f01cfea'
     """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return _digest_of(path).hexdigest()
 
 
 # ---- downloads ----------------------------------------------------------------------------------
 
 
 class _RestartFromZero(Exception):
-    """The server cannot continue our ``.part`` (416 Range Not Satisfiable): start again."""
+    """The ``.part`` cannot be continued (416, or the server sent another range): start again."""
 
 
 def download(url: str | Sequence[str], dest: Path, *, sha256: str = "", progress: bool = True) -> Path:
     """Download ``url`` (or the first working mirror of a list) to ``dest``; returns ``dest``.
 
     Data streams to ``dest.name + ".part"``; an existing ``.part`` is resumed with an HTTP Range
-    request (a server that ignores Range and answers 200 is read from the start again). With
-    ``sha256`` the bytes are verified before ``dest`` appears; a mismatch deletes the ``.part`` and
-    tries the next mirror. An existing ``dest`` that matches (or any ``dest`` when ``sha256`` is
-    empty) is returned without network access.
+    request (a server that ignores Range, or answers with another range, is read from the start
+    again). The bytes are verified before ``dest`` appears: against ``sha256`` when given (a
+    mismatch deletes the ``.part`` and tries the next mirror), else against the size the server
+    announces; a server that announces no size is refused unless ``sha256`` is given.
+
+    Without ``sha256`` the digest is recorded in ``dest.name + ".sha256"``. An existing ``dest`` is
+    reused without network access when it matches ``sha256``, else its recorded digest; a mismatch
+    is deleted and downloaded again. A ``dest`` with neither (from an older version, or copied in by
+    hand) may be truncated, so it is treated as a ``.part``: the server completes it or confirms
+    its size. A symlink placed by hand is trusted and its digest recorded.
 
     Example:
         >>> import tempfile
         >>> src = Path(tempfile.mkdtemp()) / "w.bin"
         >>> _ = src.write_bytes(b"weights")
         >>> out = download(src.as_uri(), src.with_name("copy.bin"), progress=False)
-        >>> out.read_bytes()
-        b'weights'
+        >>> out.read_bytes(), _read_sidecar(_sidecar(out)) == sha256_file(out)
+        (b'weights', True)
     """
     urls = [url] if isinstance(url, str) else list(url)
     if not urls:
         raise DownloadError(f"no url given for {dest}")
     dest = Path(dest)
+    part, sidecar = dest.with_name(dest.name + ".part"), _sidecar(dest)
+    for path in (dest, part, sidecar):
+        # We only write regular files, and appending to a linked .part would write through the link.
+        if (os.path.lexists(path) and not path.is_file()) or (path == part and path.is_symlink()):
+            raise DownloadError(f"cannot download {urls[0]}: {path} is in the way (not a regular file); "
+                                f"delete it and run again")
     expected = sha256.strip().lower()
+    unverified = False
     if dest.is_file():
-        if not expected:
+        recorded = expected or _read_sidecar(sidecar)
+        if recorded:
+            actual = sha256_file(dest)
+            if actual == recorded:
+                if expected and os.path.lexists(sidecar) and _read_sidecar(sidecar) != expected:
+                    _write_sidecar(sidecar, actual, dest.name)  # the declared sha256 wins: fix the record
+                return dest
+            source = "the declared sha256" if expected else f"the sha256 recorded in {sidecar.name}"
+            log.warning("%s has sha256 %s, not %s %s; deleting it and downloading it again",
+                        dest, actual, source, recorded)
+            dest.unlink()
+            sidecar.unlink(missing_ok=True)
+        elif dest.is_symlink():
+            # Never one of our downloads (we write no links): the user placed it, so trust it.
+            _write_sidecar(sidecar, sha256_file(dest), dest.name)
             return dest
-        if sha256_file(dest) == expected:
-            return dest
-        # A stale or damaged copy: fetch again; it is replaced only once the new one is verified.
-        log.warning("%s does not match sha256 %s; downloading it again", dest, expected)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+        else:
+            log.warning("%s has no recorded sha256 and may be truncated; checking it against the server", dest)
+            os.replace(dest, part)
+            unverified = True
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DownloadError(f"cannot download {urls[0]}: cannot create {dest.parent}: {err}") from err
 
     failures: list[str] = []
     for one_url in urls:
         try:
             actual = _fetch_verified(one_url, part, expected, progress, label=dest.name)
         except DownloadError as err:
-            failures.append(f"  {one_url}: {err}")
+            failures.append(str(err))  # every message names its url
             continue
-        os.replace(part, dest)
+        try:
+            os.replace(part, dest)
+        except OSError as err:
+            raise DownloadError(f"cannot move {part} to {dest}: {err}") from err
+        if not expected or os.path.lexists(sidecar):  # a stale record would fail the next check
+            _write_sidecar(sidecar, actual, dest.name)
         if not expected:
             log.info("downloaded %s from %s, sha256 %s (declare it to verify future downloads)",
                      dest, one_url, actual)
         return dest
-    raise DownloadError(f"could not download {dest.name}; every url failed:\n" + "\n".join(failures))
+    message = failures[0] if len(failures) == 1 else \
+        f"could not download {dest.name} from any of its {len(urls)} urls: " + "; ".join(failures)
+    if unverified and part.exists():
+        message += (f" ({dest.name} had no recorded sha256, so it was moved to {part.name} to be completed and "
+                    f"checked by the next run; to use it as it is, move it back and run "
+                    f"`sha256sum {dest.name} > {sidecar.name}` in {dest.parent})")
+    raise DownloadError(message)
 
 
-def _fetch_verified(url: str, part: Path, expected: str, progress: bool, label: str) -> str:
+def _sidecar(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def _read_sidecar(sidecar: Path) -> str:
+    """The sha256 recorded in ``sidecar`` ('' when there is none or it is unreadable)."""
+    try:
+        words = sidecar.read_text(encoding="ascii").split()
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError):
+        words = []
+    digest = words[0].lower() if words else ""
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    log.warning("ignoring %s: it does not start with a sha256", sidecar)
+    return ""
+
+
+def _write_sidecar(sidecar: Path, digest: str, name: str) -> None:
+    """Record ``digest`` atomically, in ``sha256sum`` format (so ``sha256sum -c`` can check it)."""
+    tmp = sidecar.with_name(f"{sidecar.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(f"{digest}  {name}\n", encoding="ascii")
+        os.replace(tmp, sidecar)
+    except OSError as err:  # the download itself succeeded: the next call checks it with the server
+        tmp.unlink(missing_ok=True)
+        log.warning("could not record the sha256 of %s in %s: %s", name, sidecar, err)
+
+
+def _fetch_verified(url: str, part: Path, expected: str, show: bool, label: str) -> str:
     """Complete ``part`` from ``url`` and check its digest; returns the digest.
 
     A mismatch after resuming may come from a stale ``.part`` (another file, an old version), so
@@ -144,10 +213,10 @@ def _fetch_verified(url: str, part: Path, expected: str, progress: bool, label: 
     for attempt in range(2):
         resumed_bytes = part.stat().st_size if part.exists() else 0
         try:
-            actual = _stream_to_part(url, part, progress, label)
+            actual = _stream_to_part(url, part, expected, show, label)
         except _RestartFromZero:
             part.unlink(missing_ok=True)
-            actual = _stream_to_part(url, part, progress, label)
+            actual = _stream_to_part(url, part, expected, show, label)
             resumed_bytes = 0
         if not expected or actual == expected:
             return actual
@@ -159,7 +228,7 @@ def _fetch_verified(url: str, part: Path, expected: str, progress: bool, label: 
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _stream_to_part(url: str, part: Path, progress: bool, label: str) -> str:
+def _stream_to_part(url: str, part: Path, expected: str, show: bool, label: str) -> str:
     """Append the rest of ``url`` to ``part`` (resuming when possible); returns the full sha256."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "bench-seg"})
@@ -169,6 +238,8 @@ def _stream_to_part(url: str, part: Path, progress: bool, label: str) -> str:
         response = urllib.request.urlopen(request, timeout=SOCKET_TIMEOUT)
     except urllib.error.HTTPError as err:
         if err.code == 416 and have:
+            if _content_range(err.headers.get("Content-Range", ""))[1] == have:
+                return _digest_of(part).hexdigest()  # "nothing after byte N of N": the .part is complete
             raise _RestartFromZero() from err
         raise DownloadError(f"HTTP {err.code} {err.reason} from {url}") from err
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
@@ -178,38 +249,49 @@ def _stream_to_part(url: str, part: Path, progress: bool, label: str) -> str:
 
     with response:
         status = response.status or 200  # file:// responses have no status
-        if have and status == 206:
-            start = _content_range_start(response.headers.get("Content-Range", ""))
-            if start != have:
-                raise DownloadError(f"{url} answered a Range request for byte {have} with bytes "
-                                    f"from {start}; refusing to splice")
+        length = response.headers.get("Content-Length", "")
+        body = int(length) if length.isdigit() else None
+        if status == 206:
+            first, size = _content_range(response.headers.get("Content-Range", ""))
+            if first != have:
+                if have:  # splicing another range onto the .part would corrupt it
+                    raise _RestartFromZero()
+                raise DownloadError(f"{url} answered a plain request with bytes from {first}; cannot use it")
+            total = size if size is not None else (have + body if body is not None else None)
             mode = "ab"
         else:
-            have, mode = 0, "wb"  # a 200 answer is the whole file: start from zero
-        length = response.headers.get("Content-Length")
-        remaining = int(length) if length and length.isdigit() else None
-        digest = hashlib.sha256()
-        if have:
-            with open(part, "rb") as old:
-                for block in iter(lambda: old.read(CHUNK_BYTES), b""):
-                    digest.update(block)
-        total = have + remaining if remaining is not None else None
-        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=label, disable=not progress, leave=False)
-        received = 0
+            have, mode, total = 0, "wb", body  # a 200 answer is the whole file: start from zero
+        if total is None and not expected:
+            # Without a size or a digest, a cut connection looks exactly like the end of the file.
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"cannot verify the download of {url}: the server does not announce its size "
+                                f"(no Content-Length) and no sha256 is declared, so a truncated file would go "
+                                f"unnoticed; nothing was kept. Declare the file's sha256 to download it")
+        digest = _digest_of(part) if have else hashlib.sha256()
+        bar = progress(total=total, desc=label, unit="B", enabled=show, unit_scale=True, unit_divisor=1024,
+                       initial=have, leave=False)
         try:
             with open(part, mode) as out:
                 received = _copy_stream(response, out, digest, bar, url)
         finally:
             bar.close()
-    if remaining is not None and received < remaining:
+    if total is not None and have + received < total:
         # Keep the .part: the next call resumes where this one stopped.
         raise DownloadError(f"connection to {url} closed after {have + received} of {total} bytes; "
-                            f"run again to resume")
+                            f"run again to resume (or delete {part} to start over)")
     return digest.hexdigest()
 
 
-def _copy_stream(response: BinaryIO, out: BinaryIO, digest: "hashlib._Hash", bar: tqdm, url: str) -> int:
+def _digest_of(path: Path) -> Any:
+    """A sha256 object fed with ``path``'s bytes (to continue hashing where a ``.part`` stops)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest
+
+
+def _copy_stream(response: BinaryIO, out: BinaryIO, digest: Any, bar: Any, url: str) -> int:
     """Copy ``response`` into ``out`` chunk by chunk, hashing as it goes; returns bytes copied."""
     received = 0
     while True:
@@ -217,9 +299,10 @@ def _copy_stream(response: BinaryIO, out: BinaryIO, digest: "hashlib._Hash", bar
             block = response.read(CHUNK_BYTES)
         except (socket.timeout, TimeoutError) as err:
             raise DownloadError(f"timed out after {SOCKET_TIMEOUT:g} s reading {url}; "
-                                f"run again to resume") from err
+                                f"run again to resume (or delete {out.name} to start over)") from err
         except (OSError, http.client.HTTPException) as err:  # reset, IncompleteRead, ...
-            raise DownloadError(f"connection error reading {url}: {err!r}; run again to resume") from err
+            raise DownloadError(f"connection error reading {url}: {err!r}; run again to resume "
+                                f"(or delete {out.name} to start over)") from err
         if not block:
             return received
         try:
@@ -231,143 +314,16 @@ def _copy_stream(response: BinaryIO, out: BinaryIO, digest: "hashlib._Hash", bar
         bar.update(len(block))
 
 
-def _content_range_start(header: str) -> int | None:
-    """First byte of ``Content-Range: bytes START-END/TOTAL`` (None when absent or malformed)."""
-    try:
-        return int(header.split()[1].split("-")[0])
-    except (IndexError, ValueError):
-        return None
-
-
-# ---- archives -----------------------------------------------------------------------------------
-
-_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-
-
-def safe_extract(archive: Path, target: Path) -> Path:
-    """Extract a .tar / .tar.gz / .tgz / .zip into ``target`` after checking every member.
-
-    Refused (with :class:`ArchiveError` naming the archive and member, and nothing written):
-    absolute paths, ``..`` components, links of any kind, device files and fifos. Entries are
-    extracted into a temporary folder next to ``target`` and then moved into place.
+def _content_range(header: str) -> tuple[int | None, int | None]:
+    """(first byte, total size) of ``Content-Range: bytes FIRST-LAST/TOTAL`` or ``bytes */TOTAL``.
 
     Example:
-        >>> import io, tarfile, tempfile
-        >>> root = Path(tempfile.mkdtemp())
-        >>> with tarfile.open(root / "a.tar", "w") as tar:
-        ...     info = tarfile.TarInfo("data/hello.txt"); info.size = 2
-        ...     tar.addfile(info, io.BytesIO(b"hi"))
-        >>> (safe_extract(root / "a.tar", root / "out") / "data" / "hello.txt").read_text()
-        'hi'
+        >>> _content_range("bytes 100-199/1000"), _content_range("bytes */1000"), _content_range("")
+        ((100, 1000), (None, 1000), (None, None))
     """
-    archive, target = Path(archive), Path(target)
-    if not archive.is_file():
-        raise ArchiveError(f"archive not found: {archive}")
-    if target.exists() and not target.is_dir():
-        raise ArchiveError(f"cannot extract {archive} into {target}: it exists and is not a folder")
-    name = archive.name.lower()
-    if name.endswith(".zip"):
-        extract_into = _extract_zip
-    elif name.endswith(_TAR_SUFFIXES):
-        extract_into = _extract_tar
-    else:
-        raise ArchiveError(f"unsupported archive type: {archive} (expected .tar, .tar.gz, .tgz or .zip)")
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would become the mode of ``target`` after the rename.
-    staging = target.parent / f".{target.name}.extract-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        extract_into(archive, staging)
-        _move_tree(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _member_parts(archive: Path, member: str) -> list[str]:
-    """Split a member name into safe path components, or raise ArchiveError."""
-    # Backslashes are separators on Windows: treat them as such so "..\\x" cannot slip through.
-    normalised = member.replace("\\", "/")
-    if normalised.startswith("/") or (len(normalised) > 1 and normalised[1] == ":"):
-        raise ArchiveError(f"archive {archive} has member {member!r} with an absolute path; refused")
-    parts = [p for p in normalised.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ArchiveError(f"archive {archive} has member {member!r} that climbs out with '..'; refused")
-    if any("\0" in p for p in parts):
-        raise ArchiveError(f"archive {archive} has member {member!r} with a NUL byte; refused")
-    return parts
-
-
-def _extract_tar(archive: Path, staging: Path) -> None:
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            # Check everything before writing anything: a refused archive leaves no trace.
-            plan = []
-            for m in members:
-                parts = _member_parts(archive, m.name)
-                if not (m.isfile() or m.isdir()):
-                    kind = "link" if (m.issym() or m.islnk()) else "special file"
-                    raise ArchiveError(f"archive {archive} has member {m.name!r} which is a {kind}"
-                                       f"{' to ' + repr(m.linkname) if m.linkname else ''}; refused")
-                plan.append((m, parts))
-            for m, parts in plan:
-                path = staging.joinpath(*parts)
-                if m.isdir():
-                    path.mkdir(parents=True, exist_ok=True)
-                    continue
-                path.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(m)
-                assert source is not None  # regular files always have a stream
-                with source, open(path, "wb") as out:
-                    shutil.copyfileobj(source, out, CHUNK_BYTES)
-    except ArchiveError:
-        raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        raise ArchiveError(f"cannot extract {archive}: {err}") from err
-
-
-def _extract_zip(archive: Path, staging: Path) -> None:
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            plan = []
-            for info in infos:
-                parts = _member_parts(archive, info.filename)
-                # Unix file-type bits, when a unix tool made the zip (0 otherwise: a plain file).
-                file_type = stat.S_IFMT(info.external_attr >> 16)
-                if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
-                    kind = "link" if file_type == stat.S_IFLNK else "special file"
-                    raise ArchiveError(f"archive {archive} has member {info.filename!r} which is a {kind}; refused")
-                plan.append((info, parts))
-            for info, parts in plan:
-                path = staging.joinpath(*parts)
-                if info.is_dir():
-                    path.mkdir(parents=True, exist_ok=True)
-                    continue
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as source, open(path, "wb") as out:
-                    shutil.copyfileobj(source, out, CHUNK_BYTES)
-    except ArchiveError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
-        raise ArchiveError(f"cannot extract {archive}: {err}") from err
-
-
-def _move_tree(staging: Path, target: Path) -> None:
-    """Move the staged entries into ``target``; existing folders are merged, files replaced."""
-    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
-        os.replace(staging, target)  # the common case: one atomic rename of the whole tree
-        return
-    for entry in staging.iterdir():
-        dest = target / entry.name
-        if entry.is_dir() and dest.is_dir():
-            _move_tree(entry, dest)
-        else:
-            if dest.is_dir():
-                raise ArchiveError(f"cannot replace folder {dest} with a file from the archive")
-            os.replace(entry, dest)
+    span, _, size = header.strip().removeprefix("bytes").strip().partition("/")
+    first = span.split("-")[0]
+    return (int(first) if first.isdigit() else None, int(size) if size.isdigit() else None)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
