@@ -287,6 +287,7 @@ def score(p: Plan, cm: metrics.ConfusionMatrix) -> dict:
     ids = list(card.miou_class_ids)
     return {
         "miou": {"official": cm.miou("official", ids), "standard": cm.miou("standard", ids)},
+        "num_scored_pixels": int(cm.counts.sum()),  # ground-truth pixels seen, ignore label included
         "per_class_iou": {
             "class_ids": ids,
             "class_names": [card.classes[i] for i in ids],
