@@ -132,7 +132,8 @@ class DINOv2(Backbone):
         super().__init__(tag=tag, pretrained=pretrained, device=device)
         import torch
 
-        from backbones._vit import block_indices, load_weights, weights_path
+        from backbones._imagenet_features import block_indices
+        from backbones._checkpoint_files import load_weights, weights_path
 
         self.model_name = self.tag
         self.timm_name, depth, self.width = MODELS[self.model_name]
@@ -173,7 +174,7 @@ class DINOv2(Backbone):
             >>> bb.preprocess(torch.zeros(1, 3, 64, 84, dtype=torch.uint8)).shape
             torch.Size([1, 3, 70, 84])
         """
-        from backbones._vit import imagenet_input
+        from backbones._imagenet_features import imagenet_input
 
         height, width = (int(s) for s in images.shape[-2:]) if images.dim() == 4 else (0, 0)
         size = (math.ceil(height / PATCH) * PATCH, math.ceil(width / PATCH) * PATCH)
@@ -190,7 +191,7 @@ class DINOv2(Backbone):
         """
         import torch
 
-        from backbones._vit import vit_block_maps
+        from backbones._imagenet_features import vit_block_maps
 
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-2] % PATCH or x.shape[-1] % PATCH:
             raise BenchError(f"dinov2 expects inputs [B, 3, H, W] with H and W multiples of {PATCH}, "

@@ -59,7 +59,7 @@ def convert_mae_checkpoint(state_dict: Mapping[str, "torch.Tensor"], source: str
         ...                                "decoder_pred.weight": torch.zeros(1)}))
         ['cls_token']
     """
-    from backbones._vit import drop_keys, strip_common_prefix
+    from backbones._checkpoint_files import drop_keys, strip_common_prefix
 
     return drop_keys(strip_common_prefix(state_dict, "module."), _DECODER_PREFIXES)
 
@@ -119,7 +119,8 @@ class MAE(Backbone):
         super().__init__(tag=tag, pretrained=pretrained, device=device)
         import torch
 
-        from backbones._vit import block_indices, load_weights, weights_path
+        from backbones._imagenet_features import block_indices
+        from backbones._checkpoint_files import load_weights, weights_path
 
         self.arch = self._parse_arch(arch if arch is not None else self.weights_entry.arch)
         depth = self.arch["depth"]
@@ -173,7 +174,7 @@ class MAE(Backbone):
             >>> bb.preprocess(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape
             torch.Size([1, 3, 64, 64])
         """
-        from backbones._vit import imagenet_input
+        from backbones._imagenet_features import imagenet_input
 
         size = self.input_size
         return imagenet_input(images, owner="mae", size=(size, size), device=self.device)
@@ -189,7 +190,7 @@ class MAE(Backbone):
         """
         import torch
 
-        from backbones._vit import vit_block_maps
+        from backbones._imagenet_features import vit_block_maps
 
         size = self.input_size
         if x.dim() != 4 or tuple(x.shape[1:]) != (3, size, size):

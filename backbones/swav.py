@@ -48,7 +48,7 @@ def convert_swav_checkpoint(state_dict: Mapping[str, "torch.Tensor"], source: st
         ...                                 "module.prototypes.weight": torch.zeros(1)}))
         ['conv1.weight']
     """
-    from backbones._vit import drop_keys, strip_common_prefix
+    from backbones._checkpoint_files import drop_keys, strip_common_prefix
 
     return drop_keys(strip_common_prefix(state_dict, "module."), _HEAD_PREFIXES)
 
@@ -84,7 +84,7 @@ class _SwAVBase(Backbone):
         import torch
 
         from backbones._resnet import ResNet50
-        from backbones._vit import load_weights, weights_path
+        from backbones._checkpoint_files import load_weights, weights_path
 
         if isinstance(blocks, str) or not isinstance(blocks, Sequence) or not blocks:
             raise BenchError(f"{self.name} blocks must be a non-empty list of names like 'layer3.4', got {blocks!r}")
@@ -125,7 +125,7 @@ class _SwAVBase(Backbone):
             >>> round(x[0, 0, 0, 0].item(), 4)  # -0.485 / 0.229
             -2.1179
         """
-        from backbones._vit import imagenet_input
+        from backbones._imagenet_features import imagenet_input
 
         return imagenet_input(images, owner=self.name, device=self.device)
 

@@ -164,7 +164,7 @@ class TimmAny(Backbone):
             >>> bb.preprocess(torch.zeros(1, 3, 16, 16, dtype=torch.uint8)).shape
             torch.Size([1, 3, 16, 16])
         """
-        from backbones._vit import imagenet_input
+        from backbones._imagenet_features import imagenet_input
 
         size = None if self.image_size is None else (self.image_size, self.image_size)
         return imagenet_input(images, owner=f"timm:{self.model_name}", size=size, mean=self.mean, std=self.std,
