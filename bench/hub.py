@@ -62,9 +62,36 @@ def bench_home() -> Path:
         home = Path(os.environ["XDG_CACHE_HOME"]) / "bench"
     else:
         home = Path.home() / ".cache" / "bench"
-    home = home.expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
+    return _usable_folder(home.expanduser(), "the cache root (BENCH_HOME)")
+
+
+def _usable_folder(folder: Path, what: str) -> Path:
+    """``folder``, created if absent; a one-line error if it is a file or a link to nowhere."""
+    if folder.is_symlink() and not folder.exists():
+        raise DownloadError(f"{what} {folder} is a symlink to {os.readlink(folder)}, which does not exist; "
+                            f"create that folder or remove the link")
+    if folder.exists() and not folder.is_dir():
+        raise DownloadError(f"{what} {folder} exists but is not a folder; move it away")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DownloadError(f"cannot create {what} {folder}: {err.strerror or err}") from err
+    return folder
+
+
+def cache_dir(name: str) -> Path:
+    """A folder of the cache (``datasets``, ``features``, ``downloads``, ``checkpoints``), checked.
+
+    A symlink to a folder elsewhere (a bigger disk) is fine; a dangling link or a file is a one-line
+    error naming it.
+
+    Example:
+        >>> import os, tempfile
+        >>> os.environ["BENCH_HOME"] = tempfile.mkdtemp()
+        >>> cache_dir("features").is_dir()
+        True
+    """
+    return _usable_folder(bench_home() / name, f"cache folder {name!r}:")
 
 
 def sha256_file(path: Path) -> str:
@@ -364,5 +391,5 @@ def fetch_weights(weights: "Weights", *, module_file: str, name: str, progress: 
     basename = posixpath.basename(urllib.parse.unquote(urllib.parse.urlparse(weights.url[0]).path))
     if basename in ("", ".", ".."):
         basename = f"{weights.tag}.bin"
-    dest = bench_home() / "checkpoints" / name / basename
+    dest = cache_dir("checkpoints") / name / basename
     return download(weights.url, dest, sha256=weights.sha256, progress=progress)

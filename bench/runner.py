@@ -214,11 +214,11 @@ def plan(spec: RunSpec) -> Plan:
 
 def extract(p: Plan) -> features.FeatureStore:
     """Stage 2: native maps of every train and test image into the feature store (skips cached ones)."""
-    from bench.hub import bench_home
+    from bench.hub import cache_dir
 
     spec, card = p.spec, p.card
     store_config = {**p.backbone_config, "fit": spec.fit}
-    cache = Path(spec.cache) if spec.cache else bench_home() / "features"
+    cache = Path(spec.cache) if spec.cache else cache_dir("features")
     store = features.FeatureStore(cache, store_config, card.resolution, dtype=spec.cache_dtype)
     by_hash = {p.content[s.id]: s for s in p.train + p.test}
 

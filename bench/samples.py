@@ -27,10 +27,10 @@ from bench.labels import label_path, load_label
 
 # ---- where the files are ----------------------------------------------------------------------------
 
-def _bench_home() -> Path:
-    from bench.hub import bench_home  # the one cache root, owned by bench.hub
+def _datasets_home() -> Path:
+    from bench.hub import cache_dir  # the one cache root, owned by bench.hub
 
-    return bench_home()
+    return cache_dir("datasets")
 
 
 def dataset_root(card: DatasetCard) -> Path:
@@ -47,7 +47,7 @@ def dataset_root(card: DatasetCard) -> Path:
         if not card.path.is_dir():
             raise DatasetError(f"dataset folder {card.path} does not exist")
         return card.path
-    home = _bench_home() / "datasets"
+    home = _datasets_home()
     if card.generator == "demo":
         from bench import demo
 
@@ -82,14 +82,14 @@ def download_dataset(card: DatasetCard, *, progress: bool = True) -> Path:
         raise DatasetError(f"dataset {card.name!r} has no download url in its card")
     from bench import hub
 
-    home = hub.bench_home()
     name = Path(card.url.split("?", 1)[0]).name or "datasets.tar.gz"
-    archive = hub.download(card.url, home / "downloads" / name, sha256=card.sha256, progress=progress)
-    hub.safe_extract(archive, home / "datasets")
+    archive = hub.download(card.url, hub.cache_dir("downloads") / name, sha256=card.sha256, progress=progress)
+    target = hub.cache_dir("datasets")
+    hub.safe_extract(archive, target)
     try:
         return dataset_root(card)
     except DatasetError as exc:
-        raise DatasetError(f"extracted {archive} into {home / 'datasets'} but found no folder "
+        raise DatasetError(f"extracted {archive} into {target} but found no folder "
                            f"{card.folder or card.name!r} with {card.train_dir}: {exc}") from exc
 
 @dataclass(frozen=True)

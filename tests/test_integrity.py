@@ -319,3 +319,41 @@ def test_non_square_photos_run_and_are_scored_at_the_labels_resolution(tmp_path)
     cropped = run(_spec(tmp_path / "c", dataset=str(root), split="released", fit="crop"))
     assert cropped["geometry"]["fit"] == "crop" and cropped["num_scored_pixels"] == 30 * 30
     assert stretched["run_key"] != cropped["run_key"]
+
+
+# ---- 16. no progress bars in logs ---------------------------------------------------------------------
+
+def test_off_a_terminal_progress_is_a_few_status_lines(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = _folder_dataset(tmp_path / "d")
+    env = dict(os.environ, BENCH_HOME=str(tmp_path / "home"))
+    done = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--backbone", "pixels", "--dataset", str(root),
+                           "--split", "released", "--out", str(tmp_path / "out"), "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "it/s" not in done.stderr  # no tqdm redraws in a log
+    lines = done.stderr.strip().splitlines()
+    assert any(line.startswith("pixels features: 4/4 img") for line in lines)
+    assert len(lines) < 12, lines
+
+
+def test_cache_folders_that_are_dangling_links_or_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("BENCH_HOME", str(home))
+    (home / "datasets").symlink_to(tmp_path / "nowhere")
+    assert main(["run", "--backbone", "pixels", "--seeds", "0", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is a symlink to" in err[-1] and "does not exist" in err[-1]
+    (home / "datasets").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    (home / "datasets").symlink_to(tmp_path / "elsewhere")  # a link to a real folder is fine
+    assert bench.data.dataset_root(bench.data.get_card("demo")).parent.resolve() == (tmp_path / "elsewhere").resolve()
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "o" / "file"))
+    (tmp_path / "o").mkdir(exist_ok=True)
+    (tmp_path / "o" / "file").write_text("x")
+    assert main(["run", "--backbone", "pixels", "--seeds", "0", "--out", str(tmp_path / "o2")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
