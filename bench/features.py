@@ -257,6 +257,25 @@ def build_pixel_index(labels: Iterable[np.ndarray], ignore_label: int) -> PixelI
 FAULT_AROUND_BYTES = 64 * 1024
 
 
+@functools.lru_cache(maxsize=1)
+def bytes_per_read() -> int:
+    """An upper bound on what one read of a memory-mapped cache file can make resident.
+
+    Linux maps file pages around a fault ("fault-around", 64 KiB); kernels whose page cache keeps
+    large folios map a whole folio instead (Linux 6.18 on ext4: a 2 MiB PMD mapping, with or without
+    MADV_RANDOM). So the charge is the larger of 64 KiB and the PMD size the kernel reports.
+
+    Example:
+        >>> bytes_per_read() >= FAULT_AROUND_BYTES
+        True
+    """
+    try:
+        pmd = int(Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read_text().strip())
+    except (OSError, ValueError):
+        pmd = 0
+    return max(FAULT_AROUND_BYTES, pmd)
+
+
 class StreamedPixels:
     """A probe ``PixelSource`` that samples pixel features from the cached native maps on demand.
 
@@ -284,10 +303,9 @@ class StreamedPixels:
         self._touched = 0  # upper bound on the bytes of mapped pages touched since the last reset
         first = store.load(self.image_ids[0], mmap=True)
         self.dim = sum(int(m.shape[-1]) for m in first)
-        # What one read of a map position can make resident: Linux maps file pages around a fault
-        # ("fault-around", 64 KiB by default; measured here: ~50 KiB per random read even with
-        # MADV_RANDOM), capped by the size of the whole map.
-        self._read_bytes = [max(FAULT_AROUND_BYTES, int(m.shape[-1]) * m.element_size()) for m in first]
+        # What one read of a map position can make resident (bytes_per_read: fault-around or a whole
+        # large folio), capped by the size of the whole map.
+        self._read_bytes = [max(bytes_per_read(), int(m.shape[-1]) * m.element_size()) for m in first]
         self._map_bytes = [m.numel() * m.element_size() for m in first]
 
     def _image_maps(self, i: int) -> list[torch.Tensor]:

@@ -20,8 +20,12 @@ from backbones._adm_unet import ADMFlags, ADMUNet, timestep_embedding
 from bench.features import upsample_concat
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adm_small64"
+# A 24 x 24-pixel, all-480-channel selection of the shared 7.8 MB golden collected features (fixture
+# README); the full original is used too when the steering repository's fixtures sit next to ours.
+COLLECTED_GRID = FIXTURES / "small64" / "golden_collected_features_grid.safetensors"
 SHARED_COLLECTED = (Path(__file__).parents[2] / "shared/fixtures/guided_diffusion/small64"
                     / "golden_collected_features.safetensors")
+SHARED_COLLECTED_SHA256 = "ca857598d09456880b080ec117a97f1e8737a86d47ee4a0a860a4befad4f62f5"
 STEPS = (50, 150, 250)
 BLOCKS = (5, 6, 7, 8, 12)
 ATOL = 1e-4
@@ -223,11 +227,52 @@ def test_collected_features_recomputed_from_golden_activations(small_maps, golde
     assert max_diff(wrong, expected) > 0.1
 
 
-@pytest.mark.skipif(not SHARED_COLLECTED.is_file(), reason="shared fixture golden_collected_features not present")
+def load_collected_grid() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """The repository's reduced golden collected features: values [480, R, C], rows, cols, layout."""
+    with safe_open(str(COLLECTED_GRID), framework="pt") as f:
+        fixture = json.loads(f.metadata()["fixture"])
+        return (f.get_tensor("collected_features.sample0.grid"), f.get_tensor("grid_rows"),
+                f.get_tensor("grid_cols"), fixture["channel_layout"])
+
+
+def test_collected_features_equal_golden_file(small_backbone, small_maps):
+    # Checklist 9 against the output of the original collect_features (not recomputed by us), at the
+    # fixture's 24 x 24 pixels: both borders and the centre, every phase of the x8/x4/x2 upsampling.
+    expected, rows, cols, layout = load_collected_grid()
+    assert expected.dtype == torch.float32 and expected.shape == (480, len(rows), len(cols)) == (480, 24, 24)
+    # The file's channel layout, e.g. "t50/output_blocks.5:[0:32]", is the backbone's feature order.
+    offsets, total = [], 0
+    for f in small_backbone.feature_info:
+        t, b = f.name.split(".")
+        offsets.append(f"{t}/output_blocks.{b[1:]}:[{total}:{total + f.channels}]")
+        total += f.channels
+    assert ";".join(offsets) == layout
+
+    def at_grid(features: torch.Tensor) -> torch.Tensor:
+        return features[0][:, rows][:, :, cols]
+
+    assert max_diff(at_grid(upsample_concat(small_maps, 64)), expected) < ATOL
+    # The selected pixels still separate the wrong upsampling rules (spec: ~0.81 and ~1.64 on the
+    # full maps) and a wrong map order (t50 and t150 swapped) from float rounding by orders of magnitude.
+    corners = torch.cat([F.interpolate(m, size=64, mode="bilinear", align_corners=True) for m in small_maps], 1)
+    nearest = torch.cat([F.interpolate(m, size=64, mode="nearest") for m in small_maps], 1)
+    swapped = upsample_concat(small_maps[5:10] + small_maps[:5] + small_maps[10:], 64)
+    for wrong in (corners, nearest, swapped):
+        assert max_diff(at_grid(wrong), expected) > 0.1
+
+
+@pytest.mark.skipif(not SHARED_COLLECTED.is_file(), reason="shared fixture golden_collected_features not present "
+                    "(the reduced copy in tests/fixtures is tested above)")
 def test_collected_features_equal_shared_golden_file(small_maps):
+    import hashlib
+
+    assert hashlib.sha256(SHARED_COLLECTED.read_bytes()).hexdigest() == SHARED_COLLECTED_SHA256
     with safe_open(str(SHARED_COLLECTED), framework="pt") as f:
         expected = f.get_tensor("collected_features.sample0")
     assert max_diff(upsample_concat(small_maps, 64)[0], expected) < ATOL
+    # The repository's reduced copy is an exact selection of this file (bit for bit).
+    grid, rows, cols, _ = load_collected_grid()
+    assert torch.equal(expected[:, rows][:, :, cols], grid)
 
 
 def test_blocks_listed_out_of_order_give_same_layout(small_flags, golden_inputs, small_backbone, small_maps):
