@@ -120,14 +120,28 @@ class Plan:
     out_path: Path
 
 
-def _pick_tag(cls: type, tag: str | None, domain: str, user_weights: bool) -> str | None:
-    """The user's tag, else (official weights only) the one whose domain matches the dataset."""
+def _pick_tag(cls: type, tag: str | None, card: DatasetCard, user_weights: bool, pretrained: bool) -> str | None:
+    """The user's tag, else (official weights only) the one whose domain matches the dataset.
+
+    With no match, the default tag is taken only where it is generic (its domain is no dataset's,
+    e.g. ImageNet or LVD-142M weights) or for a random-init control (which reads its architecture
+    only). Domain-specific weights of another domain (a bedroom model on cats) are refused with one
+    line naming the tags, instead of running silently.
+    """
     if tag is not None or not cls.weights or user_weights:
         return tag
     for name, w in cls.weights.items():
-        if w.domain and w.domain == domain:
+        if w.domain and w.domain == card.domain:
             return name
-    return cls.default_tag
+    default = cls.weights.get(cls.default_tag) if cls.default_tag else None
+    from bench.cards import list_cards
+
+    dataset_domains = {c.domain for c in list_cards() if c.domain}
+    if not pretrained or default is None or default.domain not in dataset_domains:
+        return cls.default_tag
+    tags = ", ".join(f"{cls.name}.{t}" for t in cls.weights)
+    raise BenchError(f"{cls.name} has no official weights for the domain {card.domain or '(none)'!r} of dataset "
+                     f"{card.name!r}; name one of {tags} explicitly, or pass --weights")
 
 
 def build_backbone(spec: RunSpec, card: DatasetCard, device: str):
@@ -143,7 +157,7 @@ def build_backbone(spec: RunSpec, card: DatasetCard, device: str):
     """
     cls, tag, extra = resolve_name(spec.backbone)
     kwargs = {**spec.backbone_kwargs, **extra}
-    tag = _pick_tag(cls, tag, card.domain, user_weights=kwargs.get("checkpoint") is not None)
+    tag = _pick_tag(cls, tag, card, user_weights=kwargs.get("checkpoint") is not None, pretrained=spec.pretrained)
     if "seed" in inspect.signature(cls.__init__).parameters and "seed" not in kwargs:
         kwargs["seed"] = spec.seed
     if tag is not None:

@@ -357,3 +357,17 @@ def test_cache_folders_that_are_dangling_links_or_files_are_one_line_errors(tmp_
     (tmp_path / "o" / "file").write_text("x")
     assert main(["run", "--backbone", "pixels", "--seeds", "0", "--out", str(tmp_path / "o2")]) == 1
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_weights_of_another_domain_are_never_picked_silently():
+    from bench.runner import _pick_tag
+
+    ddpm, dinov2 = bench.get_backbone_class("ddpm"), bench.get_backbone_class("dinov2")
+    cat, demo = bench.data.get_card("cat15"), bench.data.get_card("demo")
+    assert _pick_tag(ddpm, None, cat, user_weights=False, pretrained=True) == "lsun_cat"
+    mae = bench.get_backbone_class("mae")
+    with pytest.raises(bench.BenchError, match=r"mae has no official weights for the domain 'demo'.*mae\.lsun_bedroom"):
+        _pick_tag(mae, None, demo, user_weights=False, pretrained=True)
+    assert _pick_tag(mae, "lsun_cat", demo, user_weights=False, pretrained=True) == "lsun_cat"  # asked for by name
+    assert _pick_tag(mae, None, demo, user_weights=False, pretrained=False) == mae.default_tag  # a control
+    assert _pick_tag(dinov2, None, cat, user_weights=False, pretrained=True) == dinov2.default_tag  # generic weights
