@@ -184,12 +184,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BenchError(f"--weights {args.weights}: no such file")
     check_writable(Path(args.out))
     specs = _run_specs(args)
-    for i, spec in enumerate(specs, 1):
+    from bench.parallel import auto_jobs, run_all
+
+    jobs = args.jobs if args.jobs else auto_jobs(len(specs), args.device, args.max_memory)
+    if jobs > 1:
+        for spec in specs:
+            spec.progress = False  # several processes' bars would garble one terminal
+        print(f"{len(specs)} runs in {jobs} parallel processes", file=sys.stderr)
+
+    def done(i: int, spec, result: dict) -> None:
         tag = "random init" if not spec.pretrained else "pretrained"
-        print(f"[{i}/{len(specs)}] {spec.backbone} ({tag}) on {spec.dataset}, seed {spec.seed}", file=sys.stderr)
-        result = runner.run(spec)
-        print(f"    mIoU official {100 * result['miou']['official']:.2f}  standard "
-              f"{100 * result['miou']['standard']:.2f}", file=sys.stderr)
+        print(f"[{i}/{len(specs)}] {spec.backbone} ({tag}) on {spec.dataset}, seed {spec.seed}: mIoU official "
+              f"{100 * result['miou']['official']:.2f}  standard {100 * result['miou']['standard']:.2f}",
+              file=sys.stderr, flush=True)
+
+    run_all(specs, jobs, done)
     print(report.render(Path(args.out), "md"))
     return 0
 
@@ -283,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-memory", type=_positive_float, default=4.0, metavar="GB",
                      help="memory ceiling for the probe stage, GiB (default 4)")
     run.add_argument("--batch-size", type=_positive_int, default=4, help="images per feature-extraction batch (default 4)")
+    run.add_argument("--jobs", type=_positive_int, default=None,
+                     help="runs in parallel processes (default: on CPU one per core, within RAM at --max-memory "
+                          "each; 1 on a GPU)")
     run.add_argument("--fit", choices=["stretch", "crop"], default="stretch",
                      help="non-square images: stretch to the model's square input and score at the label's own "
                           "resolution (default), or crop the central square")
