@@ -76,7 +76,7 @@ def run_all(specs: Sequence[Any], jobs: int, on_done: Callable[[int, Any, dict],
             on_done(i, spec, run(spec))
         return
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -85,7 +85,7 @@ def run_all(specs: Sequence[Any], jobs: int, on_done: Callable[[int, Any, dict],
         futures = {pool.submit(_run_one, spec): (i, spec) for i, spec in enumerate(specs, 1)}
         pending = set(futures)
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=lambda f: futures[f][0]):
                 i, spec = futures[future]
                 on_done(i, spec, future.result())  # raises the worker's error here
