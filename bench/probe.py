@@ -16,6 +16,7 @@ per-epoch ``randperm``. The caller derives ``seeds`` from the run seed (spec §8
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -201,7 +202,8 @@ class PixelSource(Protocol):
 
     ``gather(index int64 [n]) -> float32 [n, dim]``; ``labels`` is int64 ``[num_pixels]``. Anything
     with these members works; the probe asks for ``members * batch_size`` pixels per step. An optional
-    ``gather_is_costly = True`` (e.g. sampling from disk) gives the loading thread a core of its own.
+    ``gather_is_costly = True`` (e.g. sampling from disk) makes the probe load the next step's pixels
+    in a background thread with a core of its own; otherwise each step gathers its own, inline.
 
     Example:
         >>> import torch
@@ -324,11 +326,11 @@ def _new_info() -> dict:
 
 
 def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from bench.progress import progress
 
     # One bar per epoch: the early stop usually ends training in epoch 4 of 100, so a bar over all
-    # epochs would show a meaningless ETA.
-    return tqdm(total=total, disable=not enabled, unit="step", leave=False)
+    # epochs would show a meaningless ETA. Off a terminal this prints a status line every 30 s.
+    return progress(total=total, desc="probe", unit="step", enabled=enabled, leave=False)
 
 
 class _ActiveMembers:
@@ -348,6 +350,55 @@ class _ActiveMembers:
         self.params = {k: v.detach().clone().requires_grad_() for k, v in ensemble.named_parameters()}
         self.buffers = {k: v.clone() for k, v in ensemble.named_buffers()}
         self.optimizer = _adam(self.params.values(), lr)
+        self._fused: tuple | None = None  # the direct fused-Adam call's arguments, see `step`
+
+    def zero_grad(self) -> None:
+        """``optimizer.zero_grad(set_to_none=True)`` without its per-call bookkeeping."""
+        for param in self.params.values():
+            param.grad = None
+
+    def step(self) -> None:
+        """One Adam step: ``optimizer.step()`` the first time, then the same fused kernel called directly.
+
+        ``Adam.step`` spends ~0.4 ms per call in Python (grouping tensors by device, checking state)
+        around a ~0.1 ms fused kernel. With the state tensors cached, the kernel it ends in
+        (``_fused_adam_``) runs on the same tensors with the same hyper-parameters, so the update is
+        bit-identical and the optimizer's state stays current. All parameters have the same step
+        count, so they share one step tensor, incremented by one ``add_`` (``_foreach_add_`` over
+        ten scalars costs ~25 µs on CPU); the optimizer's own ``step()`` is not called again.
+        """
+        if self._fused is None:
+            self.optimizer.step()
+            self._fused = self._fused_args()
+            return
+        params, exp_avgs, exp_avg_sqs, step, hyper = self._fused
+        with torch.no_grad():
+            step.add_(1)
+            torch._fused_adam_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], [step] * len(params),
+                               **hyper)
+
+    def _fused_args(self) -> tuple | None:
+        """Cached arguments of the direct call, or None (keep ``optimizer.step()``) unless plain fused Adam."""
+        opt = self.optimizer
+        group = opt.param_groups[0]
+        plain = (len(opt.param_groups) == 1 and group.get("fused") and _has_fused_adam_kernel()
+                 and not any(group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable",
+                                                      "decoupled_weight_decay", "foreach"))
+                 and not torch.is_tensor(group["lr"]) and not torch.is_tensor(group["betas"][0])
+                 and getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None)
+        params = list(group["params"])
+        if not plain or any(p.grad is None or "exp_avg" not in opt.state[p] for p in params):
+            return None
+        states = [opt.state[p] for p in params]
+        step = states[0]["step"]
+        if any(s["step"].shape != () or not torch.equal(s["step"], step) for s in states):
+            return None
+        for state in states:
+            state["step"] = step  # one count for all (they are equal): `step` increments it once
+        hyper = dict(amsgrad=False, lr=float(group["lr"]), beta1=float(group["betas"][0]),
+                     beta2=float(group["betas"][1]), weight_decay=float(group["weight_decay"]),
+                     eps=float(group["eps"]), maximize=False, grad_scale=None, found_inf=None)
+        return params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], step, hyper
 
     @torch.no_grad()
     def retire(self, rows: list[int]) -> list[int]:
@@ -373,7 +424,16 @@ class _ActiveMembers:
                 "exp_avg": state["exp_avg"][keep].clone(),
                 "exp_avg_sq": state["exp_avg_sq"][keep].clone(),
             }
+        self._fused = None  # new tensors: the next step goes through optimizer.step() and re-caches
 
+
+def _has_fused_adam_kernel() -> bool:
+    """True if ``torch._fused_adam_`` takes the keyword arguments :meth:`_ActiveMembers.step` passes."""
+    try:
+        names = {arg.name for arg in torch.ops.aten._fused_adam_.default._schema.arguments}
+    except (AttributeError, RuntimeError):
+        return False
+    return {"lr", "beta1", "beta2", "weight_decay", "eps", "amsgrad", "maximize", "grad_scale", "found_inf"} <= names
 
 
 class _Prefetcher:
@@ -420,6 +480,29 @@ class _Prefetcher:
         self.pool.shutdown(wait=True)
 
 
+class _InlineLoader:
+    """Gathers each step's pixels when the step asks for them: the :class:`_Prefetcher` interface, no thread.
+
+    For sources whose gather is cheap (features in RAM): a ``[members*batch]`` row gather costs less
+    than handing the work to a thread and back, and a second Python thread running torch ops beside
+    the step's intra-op threads oversubscribes the cores. Same pixels, same order, one gather per step.
+    """
+
+    def __init__(self, source: "PixelSource", perms: Tensor, batch: int, device: str) -> None:
+        self.source, self.perms, self.batch, self.device = source, perms, batch, device
+
+    def take(self, step: int) -> tuple[Tensor, Tensor]:
+        index = self.perms[:, step * self.batch:(step + 1) * self.batch].long().view(-1)  # [A*B]
+        x = self.source.gather(index).to(self.device, torch.float32).view(self.perms.shape[0], self.batch, -1)
+        return x, self.source.labels.index_select(0, index).to(self.device)  # faster than [index]
+
+    def keep_rows(self, keep: list[int]) -> None:
+        self.perms = self.perms[keep]
+
+    def close(self) -> None:
+        pass
+
+
 def train_ensemble(source: PixelSource, num_classes: int, *, seeds: Sequence[int],
                    config: TrainConfig = TrainConfig(), device: str = "cpu",
                    progress: bool = True) -> tuple[EnsembleMLP, list[dict]]:
@@ -443,22 +526,64 @@ def train_ensemble(source: PixelSource, num_classes: int, *, seeds: Sequence[int
     _check_source(source, num_classes, config.batch_size)
     ensemble = EnsembleMLP(source.dim, num_classes, config.members, config.hidden, seeds).to(device)
     working = _ActiveMembers(ensemble, config.lr)
-    # On CPU a costly gather (sampling features from disk) needs a core of its own for the prefetch
-    # thread: torch's intra-op threads from two Python threads at once oversubscribe the cores, which
-    # costs more than one fewer matmul thread. A cheap gather (features in RAM) keeps every thread.
+    # On CPU a costly gather (sampling features from disk) runs in a prefetch thread that needs a core
+    # of its own: torch's intra-op threads from two Python threads at once oversubscribe the cores,
+    # which costs more than one fewer matmul thread. See _prefetch_batches for a cheap gather.
     threads = torch.get_num_threads()
+    prefetch = _prefetch_batches(source, config, device)
     costly = bool(getattr(source, "gather_is_costly", False))
     if costly and not str(device).startswith("cuda") and threads > 1:
         torch.set_num_threads(threads - 1)
     try:
-        return _train_loop(source, ensemble, working, seeds, config, device, progress)
+        return _train_loop(source, ensemble, working, seeds, config, device, progress, prefetch)
     finally:
         torch.set_num_threads(threads)
 
 
+PREFETCH_MIN_BYTES = 1 << 20  # a cheap gather smaller than this per step is not worth a thread hand-off
+
+
+def _prefetch_batches(source: PixelSource, config: TrainConfig, device: str) -> bool:
+    """Whether the next step's pixels load in a background thread (True) or each step gathers its own.
+
+    Always for CUDA (pinned-memory copies overlap the step) and for a costly gather. A cheap gather
+    (features in RAM) runs inline unless a core is left idle by torch's threads and the step's
+    batch is large (``members * batch_size * dim * 4`` bytes >= ``PREFETCH_MIN_BYTES``): with every
+    core running intra-op threads, a second Python thread running torch ops oversubscribes them
+    (demo size, 2 threads on 2 cores, ``DensePixels``: 8.7 ms per step with the prefetch thread, 1.7 ms
+    inline, at 5 features; 11.4 vs 6.4 ms at 864), and a small gather costs less than the hand-off.
+    See benchmarks/bench_probe_small.py.
+
+    Example:
+        >>> import torch
+        >>> src = TensorPixelSource(torch.zeros(4, 2), torch.tensor([0, 1, 1, 0]))
+        >>> _prefetch_batches(src, TrainConfig(), "cpu")
+        False
+    """
+    if str(device).startswith("cuda") or getattr(source, "gather_is_costly", False):
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    batch_bytes = config.members * config.batch_size * source.dim * 4
+    return torch.get_num_threads() < cores and batch_bytes >= PREFETCH_MIN_BYTES
+
+
+def _record(infos: list[dict], members: list[int], losses: list[float], step_count: int) -> None:
+    for member, loss in zip(members, losses):
+        infos[member]["steps"], infos[member]["final_loss"] = step_count, loss
+
+
 def _train_loop(source: "PixelSource", ensemble: "EnsembleMLP", working: "_ActiveMembers", seeds: Sequence[int],
-                config: "TrainConfig", device: str, progress: bool) -> tuple["EnsembleMLP", list[dict]]:
-    """The step loop of :func:`train_ensemble` (see there)."""
+                config: "TrainConfig", device: str, progress: bool,
+                prefetch: bool) -> tuple["EnsembleMLP", list[dict]]:
+    """The step loop of :func:`train_ensemble` (see there).
+
+    Per-step Python work is kept off the hot path: before ``min_epochs`` the early stop tracks
+    nothing, so the losses are read (``tolist``) and the info dicts written only when an epoch or the
+    run ends; from ``min_epochs`` on they are read every step, as the stop rule needs them.
+    """
     batch, n_pixels = config.batch_size, source.num_pixels
     steps_per_epoch = n_pixels // batch  # drop_last
     shufflers = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -480,34 +605,45 @@ def _train_loop(source: "PixelSource", ensemble: "EnsembleMLP", working: "_Activ
                              for m in working.members])
         for m in working.members:
             infos[m]["epochs"] += 1
-        loader = _Prefetcher(source, perms, batch, steps_per_epoch, device)
+        if prefetch:
+            loader = _Prefetcher(source, perms, batch, steps_per_epoch, device)
+        else:
+            loader = _InlineLoader(source, perms, batch, device)
+        tracking = epoch >= config.min_epochs  # EarlyStopper.step is a no-op before min_epochs
+        losses = None
         for step in range(steps_per_epoch):
-            x, y = loader.take(step)  # [A, B, d], [A*B]; the next step's pixels load meanwhile
+            x, y = loader.take(step)  # [A, B, d], [A*B] (a prefetcher loads the next step's meanwhile)
             n_active = x.shape[0]
             logits = _ensemble_forward(working.params, working.buffers, x, training=True)
             per_pixel = F.cross_entropy(logits.reshape(n_active * batch, -1), y, reduction="none")
             losses = per_pixel.view(n_active, batch).mean(dim=1)
-            working.optimizer.zero_grad(set_to_none=True)
+            working.zero_grad()
             losses.sum().backward()  # sum of per-member means: each member gets its own gradient
-            working.optimizer.step()
+            working.step()
             step_count += 1
             bar.update(1)
+            if not tracking:
+                if step_count == budget:
+                    break
+                continue
 
-            stopped = []
-            for row, (member, loss) in enumerate(zip(working.members, losses.tolist())):
-                infos[member]["steps"], infos[member]["final_loss"] = step_count, loss
-                if stoppers[member].step(epoch, loss):
-                    infos[member]["stop_epoch"] = epoch
-                    stopped.append(row)
+            values = losses.tolist()  # the stop rule needs every step's losses from here on
+            losses = None  # recorded now
+            _record(infos, working.members, values, step_count)
+            stopped = [row for row, (member, loss) in enumerate(zip(working.members, values))
+                       if stoppers[member].step(epoch, loss)]
+            for row in stopped:
+                infos[working.members[row]]["stop_epoch"] = epoch
             if step_count == budget:
                 break
             if stopped:
                 keep = working.retire(stopped)
                 if not working.members:
                     break
-                perms = perms[keep]
                 loader.keep_rows(keep)
                 bar.set_description(f"probe epoch {epoch}, {len(working.members)}/{config.members} members")
+        if losses is not None:  # an untracked epoch: its last step's losses are the members' latest
+            _record(infos, working.members, losses.tolist(), step_count)
         loader.close()
     working.retire(list(range(len(working.members))))
     bar.close()

@@ -93,6 +93,7 @@ class StatusLine:
         if total is not None:
             self.total = total
         self.n = 0
+        self.start = time.monotonic()  # the ETA is for this pass (an epoch), not the whole run
 
     def set_description(self, desc: str) -> None:
         """Change the label of later lines."""

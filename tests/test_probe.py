@@ -1,5 +1,6 @@
 """The MLP-ensemble probe (spec §5, §6; checklist #14-#17)."""
 import math
+import re
 
 import pytest
 import torch
@@ -200,3 +201,110 @@ def test_predict_chunked_matches_one_chunk():
     torch.testing.assert_close(whole[1], chunked[1])
     member_labels, _ = ens.predict(feats)
     assert torch.equal(whole[0], majority_vote(member_labels))
+
+
+# ---- step-loop fast paths: same results as the plain ones ----------------------------------------
+
+class CostlySource(TensorPixelSource):
+    """Declares a costly gather, so the probe loads batches in its background prefetch thread."""
+
+    gather_is_costly = True
+
+
+def _assert_same_training(a, b):
+    (ens_a, infos_a), (ens_b, infos_b) = a, b
+    assert infos_a == infos_b
+    state_a, state_b = ens_a.state_dict(), ens_b.state_dict()
+    for name, value in state_a.items():
+        assert torch.equal(value, state_b[name]), name
+
+
+STAGGERED = TrainConfig(members=3, max_epochs=10, min_epochs=1, patience=3)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inline_and_prefetched_batches_train_bit_identically(monkeypatch, threads):
+    import bench.probe as probe
+
+    feats, labels = blobs(640)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = []
+        for prefetch in (False, True):
+            monkeypatch.setattr(probe, "_prefetch_batches", lambda source, config, device: prefetch)
+            runs.append(train_ensemble(TensorPixelSource(feats, labels), 3, seeds=[3, 4, 5], config=STAGGERED,
+                                       progress=False))
+        monkeypatch.undo()
+        # A costly source also prefetches, with one intra-op thread fewer meanwhile.
+        runs.append(train_ensemble(CostlySource(feats, labels), 3, seeds=[3, 4, 5], config=STAGGERED,
+                                   progress=False))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert len({i["steps"] for i in runs[0][1]}) > 1  # members retire at different steps, mid-epoch
+    _assert_same_training(runs[0], runs[1])
+    if threads == 1:  # with 2 threads the costly run trains with 1: batch norm rounds differently
+        _assert_same_training(runs[0], runs[2])
+
+
+def test_cheap_gather_prefetches_only_into_an_idle_core_and_for_large_batches(monkeypatch):
+    import bench.probe as probe
+
+    monkeypatch.setattr(probe.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    big = TensorPixelSource(torch.zeros(64, 864), torch.zeros(64, dtype=torch.long))  # 10*64*864*4 B > 1 MiB
+    small = TensorPixelSource(torch.zeros(64, 5), torch.zeros(64, dtype=torch.long))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert probe._prefetch_batches(big, TrainConfig(), "cpu")
+        assert not probe._prefetch_batches(small, TrainConfig(), "cpu")
+        assert probe._prefetch_batches(CostlySource(torch.zeros(64, 5), torch.zeros(64, dtype=torch.long)),
+                                       TrainConfig(), "cpu")
+        torch.set_num_threads(2)
+        assert not probe._prefetch_batches(big, TrainConfig(), "cpu")  # no idle core for the loader
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_direct_fused_adam_step_is_bit_identical_to_optimizer_step(monkeypatch):
+    import bench.probe as probe
+
+    working = probe._ActiveMembers(EnsembleMLP(16, 3, members=2), lr=1e-3)
+    for _ in range(2):
+        working.zero_grad()
+        probe._ensemble_forward(working.params, working.buffers, torch.randn(2, 8, 16), training=True).sum().backward()
+        working.step()
+    if working.optimizer.param_groups[0].get("fused"):
+        assert working._fused is not None  # the direct path is the one in use
+
+    feats, labels = blobs(640)
+    fast = train_ensemble(TensorPixelSource(feats, labels), 3, seeds=[3, 4, 5], config=STAGGERED, progress=False)
+    monkeypatch.setattr(probe._ActiveMembers, "_fused_args", lambda self: None)  # optimizer.step() every step
+    plain = train_ensemble(TensorPixelSource(feats, labels), 3, seeds=[3, 4, 5], config=STAGGERED, progress=False)
+    _assert_same_training(fast, plain)
+
+
+@pytest.mark.parametrize("config", [
+    TrainConfig(members=2, max_epochs=3),  # all epochs before min_epochs: losses read once per epoch
+    TrainConfig(members=2, max_epochs=4, min_epochs=2, patience=2),  # tracked epochs with early stops
+    TrainConfig(members=2, max_epochs=5, max_steps=13),  # budget ends mid-epoch
+])
+def test_infos_match_the_sequential_reference(config):
+    feats, labels = blobs(640)
+    _, infos = train_ensemble(TensorPixelSource(feats, labels), 3, seeds=[3, 4], config=config, progress=False)
+    for m, seed in enumerate([3, 4]):
+        _, info = train_member(TensorPixelSource(feats, labels), 3, seed=seed, config=config)
+        assert (infos[m]["steps"], infos[m]["epochs"], infos[m]["stop_epoch"]) == (
+            info["steps"], info["epochs"], info["stop_epoch"])
+        assert infos[m]["final_loss"] == pytest.approx(info["final_loss"], abs=1e-5)
+
+
+def test_progress_off_a_terminal_is_one_status_line_not_a_bar(capsys, monkeypatch):
+    monkeypatch.delenv("BENCH_STATUS_EVERY", raising=False)  # default: a line every 30 s, and one at the end
+    feats, labels = blobs(640)
+    train_ensemble(TensorPixelSource(feats, labels), 3, seeds=[0, 1], config=TrainConfig(members=2, max_epochs=2))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    [line] = err.splitlines()
+    assert re.fullmatch(r"probe epoch 1, 2/2 members: 10/10 step, \d+ s", line), line
