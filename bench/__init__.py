@@ -22,7 +22,9 @@ __all__ = [
 
 # Sub-modules that pull in torch/numpy load on first attribute access (``bench.probe``), so that
 # ``import bench`` and ``bench ls`` stay fast.
-_LAZY = {"probe", "metrics", "features", "data", "runner", "report", "results", "hub", "checkpoints", "demo"}
+_LAZY = {"probe", "metrics", "features", "data", "runner", "report", "results", "hub", "checkpoints", "demo",
+         "cards", "samples", "splits", "images", "labels", "seeding", "fingerprint", "progress", "parallel",
+         "safe_pickle", "archives"}
 
 
 def __getattr__(name: str) -> Any:
