@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import BenchError
+from bench.fingerprint import digest
 
 
 def upsample_concat(maps: Sequence[torch.Tensor], size: int | tuple[int, int]) -> torch.Tensor:
@@ -134,8 +135,7 @@ class FeatureStore:
             raise BenchError(f"feature cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
         self.dtype = getattr(torch, dtype)
         self.config = {**config, "image_size": image_size, "cache_dtype": dtype, "store_version": STORE_VERSION}
-        blob = json.dumps(self.config, sort_keys=True, default=str).encode()
-        self.key = hashlib.sha256(blob).hexdigest()[:20]
+        self.key = digest(self.config, 20)
         self.image_size = image_size
         self.folder = Path(root) / str(config.get("backbone", "backbone")) / self.key
         self.folder.mkdir(parents=True, exist_ok=True)

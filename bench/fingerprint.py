@@ -37,11 +37,9 @@ def file_sha256(path: Path) -> str:
         raise DatasetError(f"cannot read {path}: {exc}") from exc
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _MEMO:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _MEMO[key] = digest.hexdigest()
+        from bench.hub import sha256_file  # the one chunked file hasher
+
+        _MEMO[key] = sha256_file(path)
     return _MEMO[key]
 
 

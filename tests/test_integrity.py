@@ -5,6 +5,7 @@ tests are about which numbers are reused, labelled and attached, not about their
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -251,20 +252,12 @@ def test_a_broken_test_label_fails_before_extraction(tmp_path):
     (["run", "--backbone", "ddpm", "--weights", "/nonexistent.pt"], 2, "no such file"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(argv, code, words, tmp_path, capsys):
-    with pytest.raises(SystemExit) if "--max-memory" in argv else _nothing():
+    with pytest.raises(SystemExit) if "--max-memory" in argv else contextlib.nullcontext():
         result = main(argv + ["--out", str(tmp_path / "out")])
         assert result == code
     err = capsys.readouterr().err.strip().splitlines()
     assert words in err[-1] and not any("Traceback" in line for line in err)
     assert not (tmp_path / "out" / "runs").exists()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_out_that_is_a_file_or_read_only_fails_before_the_run(tmp_path, capsys):
