@@ -1,4 +1,4 @@
-"""The ``bench`` command line: ls, run, report, download, check, pretrain.
+"""The ``bench`` command line: ls, run, report, download, check, pretrain, synth (``baselines.cli``).
 
 A failure prints one ``bench: error: ...`` line, never a traceback (tracebacks are for bugs). Exit
 status: 0 success, 2 a usage error (a wrong name, option or value), 1 a failure at run time (a
@@ -335,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     pre.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. num_channels=64 or lr=2e-4")
     pre.set_defaults(func=cmd_pretrain)
+
+    from baselines.cli import add_parser as add_synth_parser  # light: argparse only
+
+    add_synth_parser(sub, _positive_int, _positive_float, _seeds)
     return p
 
 

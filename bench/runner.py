@@ -249,11 +249,25 @@ def extract(p: Plan) -> features.FeatureStore:
 def train(p: Plan, store: features.FeatureStore) -> dict:
     """Stage 3: the training pixel index, the pixel source the memory budget allows, the ensemble."""
     spec, card = p.spec, p.card
-    budget = int(spec.max_memory_gb * GiB)
-    ids = [p.content[s.id] for s in p.train]
-    index = features.build_pixel_index(
-        (training_label(load_label(s, card, spec.fit), card) for s in p.train), card.ignore_label
-    )
+    labels = (training_label(load_label(s, card, spec.fit), card) for s in p.train)
+    return fit_probe(store, [p.content[s.id] for s in p.train], labels, card, seeds=p.key_parts["member_seeds"],
+                     members=spec.members, max_memory_gb=spec.max_memory_gb, device=p.device, progress=spec.progress)
+
+
+def fit_probe(store: features.FeatureStore, ids: list[str], labels: Any, card: DatasetCard, *,
+              seeds: list[int], members: int = 10, max_memory_gb: float = 4.0, device: str = "cpu",
+              progress: bool = True) -> dict:
+    """Train the ensemble on the cached maps of ``ids`` with their training labels (small classes already ignored).
+
+    The pixel source is chosen by the memory budget: in RAM when the kept pixels fit in half of it,
+    else streamed from the cache. Used by :func:`train` and by the synthetic-data baselines, which
+    label generated images with an ensemble trained exactly as a run's.
+
+    Example:
+        >>> # fit_probe(store, ["<sha256>"], [label_array], get_card("demo"), seeds=[1, 2])["ensemble"]
+    """
+    budget = int(max_memory_gb * GiB)
+    index = features.build_pixel_index(labels, card.ignore_label)
     dim = sum(int(m.shape[-1]) for m in store.load(ids[0], mmap=True))
     if features.dense_bytes(len(index.labels), dim) <= budget // 2:
         source: Any = features.DensePixels(store, ids, index)
@@ -261,11 +275,11 @@ def train(p: Plan, store: features.FeatureStore) -> dict:
     else:
         source = features.StreamedPixels(store, ids, index, max_resident_bytes=budget // 4)
         kind = "streamed"
-    ensemble, members = probe.train_ensemble(
-        source, card.num_classes, seeds=p.key_parts["member_seeds"],
-        config=probe.TrainConfig(members=spec.members), device=p.device, progress=spec.progress,
+    ensemble, member_info = probe.train_ensemble(
+        source, card.num_classes, seeds=seeds, config=probe.TrainConfig(members=members), device=device,
+        progress=progress,
     )
-    return {"ensemble": ensemble, "members": members, "pixel_source": kind, "dim": dim,
+    return {"ensemble": ensemble, "members": member_info, "pixel_source": kind, "dim": dim,
             "num_train_pixels": int(len(index.labels))}
 
 
@@ -274,25 +288,42 @@ def predict(p: Plan, store: features.FeatureStore, trained: dict) -> tuple[metri
     from bench.progress import progress
 
     spec, card = p.spec, p.card
-    budget = int(spec.max_memory_gb * GiB)
     cm = metrics.ConfusionMatrix(card.num_classes, card.ignore_label)
     uncertainties = []
     with progress(total=len(p.test), desc=f"{spec.label} predict", unit="img", enabled=spec.progress) as bar:
         for s in p.test:
             gt = load_label(s, card, spec.fit)
-            height, width = gt.shape
-            ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-            ys, xs = ys.reshape(-1), xs.reshape(-1)
-            chunk = max(1024, min(height * width, budget // 8 // max(1, trained["dim"] * 4)))
-            maps = store.load(p.content[s.id])
-            labels, js = probe.predict_chunked(
-                trained["ensemble"], lambda sl: features.sample_maps(maps, ys[sl], xs[sl], (height, width)),
-                height * width, chunk=chunk, device=p.device,
-            )
-            cm.update(labels.reshape(height, width).numpy(), gt)
+            labels, js = label_image(trained["ensemble"], store.load(p.content[s.id]), gt.shape,
+                                     max_memory_gb=spec.max_memory_gb, device=p.device)
+            cm.update(labels.numpy(), gt)
             uncertainties.append(probe.image_uncertainty(js))
             bar.update(1)
     return cm, uncertainties
+
+
+def label_image(ensemble: probe.EnsembleMLP, maps: list[torch.Tensor], size: tuple[int, int], *,
+                max_memory_gb: float = 4.0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Vote labels ``[H, W]`` and per-pixel JS ``[H*W]`` of one image from its channels-last native maps.
+
+    Pixels go through the ensemble in chunks sized by the memory budget, so an image of any size
+    never becomes one ``[H*W, d]`` matrix.
+
+    Example:
+        >>> ens = probe.EnsembleMLP(in_dim=2, num_classes=3, members=2).eval()
+        >>> labels, js = label_image(ens, [torch.zeros(4, 4, 2)], (8, 8))
+        >>> tuple(labels.shape), tuple(js.shape)
+        ((8, 8), (64,))
+    """
+    height, width = (int(size[0]), int(size[1]))
+    dim = sum(int(m.shape[-1]) for m in maps)
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    chunk = max(1024, min(height * width, int(max_memory_gb * GiB) // 8 // max(1, dim * 4)))
+    labels, js = probe.predict_chunked(
+        ensemble, lambda sl: features.sample_maps(maps, ys[sl], xs[sl], (height, width)),
+        height * width, chunk=chunk, device=device,
+    )
+    return labels.reshape(height, width), js
 
 
 def score(p: Plan, cm: metrics.ConfusionMatrix) -> dict:
