@@ -134,7 +134,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
                                 selection=args.selection)
     progress = not args.no_progress
     for seed in args.seeds:
-        spec = SynthSpec(method=args.method, dataset=card.name, num=args.num, seed=seed, backbone=args.backbone,
+        spec = SynthSpec(method=args.method, dataset=args.dataset, num=args.num, seed=seed, backbone=args.backbone,
                          backbone_kwargs=options, generator=args.weights if gan else None,
                          generator_kwargs=generator_kwargs, annotated=args.annotated, sampler=_sampler(args),
                          sample_steps=args.sample_steps, eta=args.eta, truncation_psi=args.truncation_psi,
@@ -144,7 +144,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         if args.released:
             from baselines.released import import_released
 
-            synth_set = import_released(Path(args.released), args.method, card.name, shard_size=args.shard_size,
+            synth_set = import_released(Path(args.released), args.method, args.dataset, shard_size=args.shard_size,
                                         progress=progress)
         else:
             synth_set = synthesize(spec)
@@ -156,7 +156,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             if len(sizes) > 1:
                 label = f"{label}@{size}"
             result = train_on_set(synth_set, TrainSpec(
-                dataset=card.name, seed=seed, split=args.split, model=args.train, max_data=size, rule=args.filter,
+                dataset=args.dataset, seed=seed, split=args.split, model=args.train, max_data=size, rule=args.filter,
                 portion=args.portion, deeplab=deeplab, imagenet_weights=args.imagenet_weights,
                 probe_images=args.probe_images, probe_backbone=args.probe_backbone, name=label, out=Path(args.out),
                 device=device, max_memory_gb=args.max_memory, progress=progress, overwrite=args.overwrite))

@@ -229,8 +229,7 @@ def describe(s: SynthSet) -> dict:
     scores = s.scores()
     return {"folder": str(s.root), "key": s.key, "num": s.num, "shards": len(range(0, s.num, s.shard_size)),
             "method": s.identity["method"], "dataset": s.identity["dataset"],
-            "score_mean": float(scores.mean()), "score_max": float(scores.max()),
-            "source": s.identity["source"]}
+            "score_mean": round(float(scores.mean()), 4), "score_max": round(float(scores.max()), 4)}
 
 
 def spec_dict(spec: SynthSpec) -> dict:

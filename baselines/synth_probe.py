@@ -43,7 +43,7 @@ def probe_on_synthetic(synth: Any, kept: np.ndarray, spec: Any, card: Any, test:
     from bench.runner import RunSpec, extract, fit_probe, plan, predict, score
 
     name, kwargs = probe_backbone(spec, synth.spec)
-    p = plan(RunSpec(backbone=name, dataset=card.name, seed=spec.seed, split=spec.split, backbone_kwargs=kwargs,
+    p = plan(RunSpec(backbone=name, dataset=spec.dataset, seed=spec.seed, split=spec.split, backbone_kwargs=kwargs,
                      device=device, max_memory_gb=spec.max_memory_gb, progress=spec.progress, out=Path("unused")))
     backbone = p.backbone
     if backbone.input_size != synth.identity["image_size"]:
