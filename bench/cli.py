@@ -256,8 +256,36 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``bench`` command.
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import importlib
+
+    from bench.analyses import ANALYSES
+
+    return importlib.import_module(ANALYSES[args.analysis][0]).main(args)
+
+
+def _add_analyze_parser(sub: Any, argv: Sequence[str]) -> None:
+    """``bench analyze NAME``: one subcommand per analysis; its module loads only when it is asked for."""
+    import importlib
+
+    from bench.analyses import ANALYSES
+
+    an = sub.add_parser("analyze", help="the paper's analyses and figures (bench analyze NAME --help)")
+    which = an.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    wanted = next((a for a in argv if a in ANALYSES), None) if "analyze" in argv else None
+    for name, (module, where) in ANALYSES.items():
+        one = which.add_parser(name, help=where)
+        one.set_defaults(func=cmd_analyze)
+        if name == wanted:  # only the requested analysis imports its module to declare its options
+            try:
+                importlib.import_module(module).add_arguments(one)
+            except ModuleNotFoundError as err:
+                if err.name != module:
+                    raise
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``bench`` command (``argv`` picks which analysis declares its options).
 
     Example:
         >>> build_parser().parse_args(["ls", "datasets"]).what
@@ -336,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. num_channels=64 or lr=2e-4")
     pre.set_defaults(func=cmd_pretrain)
 
+    _add_analyze_parser(sub, list(sys.argv[1:] if argv is None else argv))
+
     from baselines.cli import add_parser as add_synth_parser  # light: argparse only
 
     add_synth_parser(sub, _positive_int, _positive_float, _seeds)
@@ -349,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["ls", "backbones"])  # doctest: +SKIP
         0
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except BenchError as exc:
