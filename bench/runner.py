@@ -256,7 +256,7 @@ def train(p: Plan, store: features.FeatureStore) -> dict:
 
 def fit_probe(store: features.FeatureStore, ids: list[str], labels: Any, card: DatasetCard, *,
               seeds: list[int], members: int = 10, max_memory_gb: float = 4.0, device: str = "cpu",
-              progress: bool = True) -> dict:
+              progress: bool = True, config: probe.TrainConfig | None = None) -> dict:
     """Train the ensemble on the cached maps of ``ids`` with their training labels (small classes already ignored).
 
     The pixel source is chosen by the memory budget: in RAM when the kept pixels fit in half of it,
@@ -275,16 +275,22 @@ def fit_probe(store: features.FeatureStore, ids: list[str], labels: Any, card: D
     else:
         source = features.StreamedPixels(store, ids, index, max_resident_bytes=budget // 4)
         kind = "streamed"
+    # ``config`` (analyses: a capped or resized probe) replaces the official settings for ``members``
     ensemble, member_info = probe.train_ensemble(
-        source, card.num_classes, seeds=seeds, config=probe.TrainConfig(members=members), device=device,
+        source, card.num_classes, seeds=seeds, config=config or probe.TrainConfig(members=members), device=device,
         progress=progress,
     )
     return {"ensemble": ensemble, "members": member_info, "pixel_source": kind, "dim": dim,
             "num_train_pixels": int(len(index.labels))}
 
 
-def predict(p: Plan, store: features.FeatureStore, trained: dict) -> tuple[metrics.ConfusionMatrix, list[float]]:
-    """Stages 4-5: label every test pixel (chunked), vote, and fill the confusion matrix."""
+def predict(p: Plan, store: features.FeatureStore, trained: dict,
+            on_image: Any = None) -> tuple[metrics.ConfusionMatrix, list[float]]:
+    """Stages 4-5: label every test pixel (chunked), vote, and fill the confusion matrix.
+
+    ``on_image(index, sample, labels, js, gt)``, if given, sees each test image's vote and JS map
+    (``--save-masks`` draws its panels from them; output only, no part of the run key).
+    """
     from bench.progress import progress
 
     spec, card = p.spec, p.card
@@ -297,6 +303,8 @@ def predict(p: Plan, store: features.FeatureStore, trained: dict) -> tuple[metri
                                      max_memory_gb=spec.max_memory_gb, device=p.device)
             cm.update(labels.numpy(), gt)
             uncertainties.append(probe.image_uncertainty(js))
+            if on_image is not None:
+                on_image(len(uncertainties) - 1, s, labels, js, gt)
             bar.update(1)
     return cm, uncertainties
 
