@@ -164,5 +164,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
                   f"{100 * result['miou']['official']:.2f}  standard {100 * result['miou']['standard']:.2f}",
                   file=sys.stderr, flush=True)
     if args.train != "none":
+        if len(sizes) > 1:  # Table 6: the curve and the CSV behind it, next to the other analyses
+            from baselines.size_curve import size_curve
+
+            for path in size_curve(Path(args.out), card.name):
+                print(f"wrote {path}", file=sys.stderr)
         print(report.render(Path(args.out), "md"))
     return 0

@@ -203,6 +203,7 @@ def synthesize(spec: SynthSpec) -> SynthSet:
     cache_dtype = torch.float16  # label with the precision the interpreter was trained on (the fp16 cache)
     size = (source.image_size, source.image_size)
     t0 = time.time()
+    timing = {"generate_s": 0.0, "label_s": 0.0, "write_s": 0.0, "samples": 0}
     with progress(total=len(todo) * spec.shard_size, desc=f"{spec.method} samples", unit="img",
                   enabled=spec.progress) as bar:
         for start in todo:
@@ -210,17 +211,25 @@ def synthesize(spec: SynthSpec) -> SynthSet:
             images, labels, scores = [], [], []
             for offset in range(0, spec.shard_size, spec.batch_size):
                 count = min(spec.batch_size, spec.shard_size - offset)
-                x, maps = source.generate(count, generator)
+                t = time.perf_counter()
+                x, maps = source.generate(count, generator)  # sampling + the interpreter's features
                 images.append(to_uint8(x))
+                timing["generate_s"] += time.perf_counter() - t
+                t = time.perf_counter()
                 for b in range(count):
                     one = [m[b].detach().to("cpu", cache_dtype).float().permute(1, 2, 0) for m in maps]
                     vote, js = label_image(ensemble, one, size, max_memory_gb=spec.max_memory_gb, device=spec.device)
                     labels.append(vote.numpy().astype(np.uint8))
                     scores.append(image_uncertainty(js))
+                timing["label_s"] += time.perf_counter() - t
                 bar.update(count)
+            t = time.perf_counter()
             shards.write(start, np.concatenate(images), np.stack(labels), np.asarray(scores, np.float32),
                          meta={"set": key})
+            timing["write_s"] += time.perf_counter() - t
+            timing["samples"] += spec.shard_size
     result.seconds = time.time() - t0  # type: ignore[attr-defined]
+    result.timing = timing  # type: ignore[attr-defined]  # this call's work only (a resumed set: the rest)
     return result
 
 
