@@ -184,6 +184,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BenchError(f"--weights {args.weights}: no such file")
     check_writable(Path(args.out))
     specs = _run_specs(args)
+    from bench.launch import options_from_args
+
+    launch = options_from_args(args)
+    if launch.launcher != "inprocess":
+        return _run_launched(args, specs, launch)
     from bench.parallel import auto_jobs, run_all
 
     jobs = args.jobs if args.jobs else auto_jobs(len(specs), args.device, args.max_memory)
@@ -200,6 +205,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run_all(specs, jobs, done)
     print(report.render(Path(args.out), "md"))
+    return 0
+
+
+def _run_launched(args: argparse.Namespace, specs: list, launch: Any) -> int:
+    """``bench run --launcher local|slurm``: the runs as submitit jobs writing into the same results tree."""
+    import os
+    from dataclasses import replace as _replace
+
+    from bench import report
+    from bench.launch import run_units, submit
+    from bench.parallel import auto_jobs
+
+    if launch.launcher == "local" and launch.array_parallelism is None:
+        launch = _replace(launch, array_parallelism=auto_jobs(len(specs), args.device, args.max_memory))
+    threads = max(1, (os.cpu_count() or 1) // launch.array_parallelism) if launch.launcher == "local" else None
+    submit(run_units(specs, Path(args.out)), Path(args.out), launch, command=" ".join(sys.argv),
+           threads=threads, overwrite=args.overwrite)
+    if launch.launcher == "local":
+        print(report.render(Path(args.out), "md"))
     return 0
 
 
@@ -284,6 +308,12 @@ def _add_analyze_parser(sub: Any, argv: Sequence[str]) -> None:
                     raise
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from bench.status import cmd_status
+
+    return cmd_status(args)
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser of the ``bench`` command (``argv`` picks which analysis declares its options).
 
@@ -331,7 +361,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="replace a result of another configuration under the same label (default: refuse)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
+    from bench.launch import add_arguments as add_launch_arguments  # light: no submitit at import
+
+    add_launch_arguments(run)
     run.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="done / running / failed / missing units of batches submitted with --launcher")
+    st.add_argument("--out", default="reports", help="results root (default: reports/)")
+    st.set_defaults(func=_cmd_status)
+
 
     rep = sub.add_parser("report", help="collate results into the paper's Table 2 shape")
     rep.add_argument("--out", default="reports", help="results root (default: reports/)")
