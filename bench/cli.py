@@ -130,6 +130,7 @@ def _run_specs(args: argparse.Namespace) -> list:
             backbone_kwargs=options, device=args.device, max_memory_gb=args.max_memory,
             out=Path(args.out), progress=not args.no_progress, name=args.name or "",
             extract_batch=args.batch_size, fit=args.fit, cache_dtype=args.cache_dtype, overwrite=args.overwrite,
+            save_masks=getattr(args, "save_masks", 0),
         )
         for b in backbones for p in pretrained for s in (args.seeds if args.split == "resplit" else [0])
         # --random-controls: a backbone without weights has no random-init control distinct from itself
@@ -230,6 +231,14 @@ def _run_launched(args: argparse.Namespace, specs: list, launch: Any) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from bench import report
 
+    if args.page or args.redraw:  # the Markdown page with every analysis folder (bench.report.write_page)
+        if args.redraw:
+            for path in report.redraw_figures(Path(args.out)):
+                print(f"redrew {path}", file=sys.stderr)
+        if args.page:
+            check_writable(Path(args.page).parent, "--page")
+            print(report.write_page(Path(args.out), Path(args.page), args.variant))
+        return 0
     text = report.render(Path(args.out), args.format, args.variant)
     if args.output:
         check_writable(Path(args.output).parent, "--output")
@@ -361,6 +370,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="replace a result of another configuration under the same label (default: refuse)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
+    run.add_argument("--save-masks", type=_positive_int, default=0, metavar="N",
+                     help="draw image / ground truth / prediction / uncertainty of the first N test images "
+                          "into <out>/analyses/<dataset>/masks/ (output only: not part of the run key)")
     from bench.launch import add_arguments as add_launch_arguments  # light: no submitit at import
 
     add_launch_arguments(run)
@@ -377,6 +389,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     rep.add_argument("--variant", choices=["official", "standard"], default="official",
                      help="which mIoU (default official); paper values and deltas only for official")
     rep.add_argument("--output", help="write to this file instead of stdout")
+    rep.add_argument("--page", metavar="PATH", help="write a Markdown page: Table 2 plus every analysis under "
+                                                    "<out>/analyses/ (its CSVs as tables, its figures linked)")
+    rep.add_argument("--redraw", action="store_true",
+                     help="redraw every analysis figure (PNG) from the CSV/NPZ files in the results tree alone")
     rep.set_defaults(func=cmd_report)
 
     dl = sub.add_parser("download", help="download a dataset and/or a backbone's weights into the cache")

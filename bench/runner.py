@@ -93,6 +93,7 @@ class RunSpec:
     fit: str = "stretch"  # how non-square images become the model's square input (bench.images)
     cache_dtype: str = "float16"  # feature cache precision: float16 (default) or float32
     overwrite: bool = False  # replace a result of another configuration under the same label
+    save_masks: int = 0  # draw the first n test images' masks (bench.analyses.masks); output only, not in the key
 
     @property
     def label(self) -> str:
@@ -360,6 +361,11 @@ def run(spec: RunSpec) -> dict:
     p = plan(spec)
     found = existing_result(p.out_path, p.run_key, p.key_parts, overwrite=spec.overwrite)
     if found is not None:
+        if spec.save_masks:
+            import sys
+
+            print(f"bench: note: {p.out_path} reused, so no masks were drawn (bench analyze masks draws them)",
+                  file=sys.stderr)
         return found
     times = {}
     with PeakMemory(p.device) as peak:
@@ -368,7 +374,12 @@ def run(spec: RunSpec) -> dict:
         times["extract"], t0 = time.time() - t0, time.time()
         trained = train(p, store)
         times["train"], t0 = time.time() - t0, time.time()
-        cm, uncertainties = predict(p, store, trained)
+        masks = None
+        if spec.save_masks:
+            from bench.analyses.masks import MaskCollector
+
+            masks = MaskCollector(spec.save_masks)
+        cm, uncertainties = predict(p, store, trained, on_image=masks)
         times["predict"] = time.time() - t0
     times["total"] = time.time() - t_start
     result = {
@@ -415,5 +426,14 @@ def run(spec: RunSpec) -> dict:
         },
         "files": {"train": [s.id for s in p.train], "test": [s.id for s in p.test]},
     }
+    if masks is not None:  # before the result: a finished result implies its panels exist
+        from bench.analyses.masks import run_folder
+
+        masks.write(run_folder(spec.out, p.card.name, spec.label, result["seed"] if spec.split == "resplit" else "released"),
+                    p.card, spec.fit, {"source": "bench run --save-masks", "run_key": p.run_key, "dataset": p.card.name,
+                                       "seed": result["seed"], "backbone": spec.label, "miou": result["miou"],
+                                       "backbone_config": p.backbone_config, "files": result["files"]},
+                    f"{spec.label} on {p.card.name}, seed {result['seed']}: mIoU {100 * result['miou']['official']:.1f}"
+                    " (official)", device=p.device)
     write_json_atomic(p.out_path, result)
     return result
