@@ -15,6 +15,14 @@ and keeps the first visited; if every validation mIoU is 0 there is no test valu
 On CUDA, ``amp`` trains under autocast with a gradient scaler and ``workers`` loads batches in
 DataLoader worker processes; both are recorded and are not the paper's recipe.
 
+Distributed (``nproc`` > 1, or a process group already set up by ``torchrun``; see
+:mod:`baselines.deeplab_ddp`): every rank draws the same per-epoch shuffle and takes its own slice of
+each global batch of ``batch_size``, so a step sees exactly the single-process batch; DDP averages
+the gradients, which for equal slices is the gradient of the batch's mean loss. What differs: BatchNorm
+statistics are per rank on a CPU (SyncBatchNorm, the global batch's, on CUDA) and each rank draws its
+own dropout masks, so ``nproc`` is part of the recipe (recorded; absent from the record when 1). Rank 0
+alone writes checkpoints; the ranks meet at a barrier before anyone reads them.
+
 Example:
     >>> select_epoch({2: 0.5, 10: 0.5}), select_epoch({2: 0.5, 10: 0.5}, "lexicographic")
     (2, 10)
@@ -52,6 +60,7 @@ class DeepLabConfig:
     amp: bool = False  # CUDA only
     workers: int = 0  # CUDA only
     selection: str = "lowest_epoch"  # lowest_epoch | lexicographic
+    nproc: int = 1  # data-parallel processes (DDP); batch_size is the global batch
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -67,9 +76,14 @@ class DeepLabConfig:
             raise BenchError(f"DeepLab selection must be lowest_epoch or lexicographic, got {self.selection!r}")
         if self.workers < 0:
             raise BenchError(f"DeepLab workers must be >= 0, got {self.workers}")
+        if int(self.nproc) < 1 or self.batch_size % int(self.nproc):
+            raise BenchError(f"DeepLab nproc must be >= 1 and divide the batch {self.batch_size}, got {self.nproc}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["nproc"] == 1:  # single-process records (and run keys) stay what they were
+            del data["nproc"]
+        return data
 
 
 def checkpoint_path(out_dir: Path, epoch: int) -> Path:
@@ -110,16 +124,19 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def _epochs(model: torch.nn.Module, optimizer: Any, scaler: Any, generator: torch.Generator, train_set: Any,
-            out_dir: Path, config: DeepLabConfig, first: int, steps: int, device: str, progress: bool) -> None:
-    """Epochs ``first..epochs-1``, a checkpoint after each."""
+            out_dir: Path, config: DeepLabConfig, first: int, steps: int, device: str, progress: bool,
+            rank: int = 0, world: int = 1) -> None:
+    """Epochs ``first..epochs-1``, a checkpoint after each (rank ``rank`` of ``world`` takes its slice of each batch)."""
     from bench.progress import progress as progress_bar
 
     cuda = str(device).startswith("cuda")
-    with progress_bar(total=(config.epochs - first) * steps, desc="deeplab", unit="step", enabled=progress) as bar:
+    with progress_bar(total=(config.epochs - first) * steps, desc="deeplab", unit="step",
+                      enabled=progress and rank == 0) as bar:
         for epoch in range(first, config.epochs):
             model.train()
             order = torch.randperm(len(train_set), generator=generator)[: steps * config.batch_size]
-            batches = [order[k * config.batch_size:(k + 1) * config.batch_size].tolist() for k in range(steps)]
+            batches = [order[k * config.batch_size:(k + 1) * config.batch_size][rank::world].tolist()
+                       for k in range(steps)]
             if config.workers > 0 and cuda:
                 loader: Any = torch.utils.data.DataLoader(_Batches(train_set, batches), batch_size=None,
                                                           num_workers=config.workers, pin_memory=True)
@@ -141,9 +158,14 @@ def _epochs(model: torch.nn.Module, optimizer: Any, scaler: Any, generator: torc
             rng = {"cpu": torch.get_rng_state()}
             if cuda:
                 rng["cuda"] = torch.cuda.get_rng_state(device)
-            _save_atomic({"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                          "generator_state": generator.get_state(), "rng_state": rng, "epoch": epoch},
-                         checkpoint_path(out_dir, epoch))
+            if world > 1:  # each rank's dropout stream, so that a resumed training draws the same masks
+                from baselines.deeplab_ddp import gather_rng_states
+
+                rng["ranks"] = gather_rng_states(device)
+            if rank == 0:
+                _save_atomic({"model_state_dict": (model.module if world > 1 else model).state_dict(),
+                              "optimizer_state_dict": optimizer.state_dict(), "generator_state": generator.get_state(),
+                              "rng_state": rng, "epoch": epoch}, checkpoint_path(out_dir, epoch))
 
 
 def train_deeplab(model: torch.nn.Module, train_set: Any, out_dir: Path, config: DeepLabConfig, *,
@@ -153,24 +175,36 @@ def train_deeplab(model: torch.nn.Module, train_set: Any, out_dir: Path, config:
     Example:
         >>> # train_deeplab(build_deeplab(9, "small"), kept_samples, Path("runs/dl"), DeepLabConfig(arch="small"))
     """
+    from baselines import deeplab_ddp
+
     out_dir = Path(out_dir)
+    rank, world = deeplab_ddp.rank_and_world()
+    if config.nproc > 1 and world == 1:  # not under torchrun yet: run this training under it
+        return deeplab_ddp.launch(model, train_set, out_dir, config, device=device, progress=progress)
+    if world != config.nproc:
+        raise BenchError(f"DeepLab nproc is {config.nproc} but the process group has {world} processes")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".deeplab_epoch_*.tmp"):
-        stale.unlink(missing_ok=True)
+    if rank == 0:
+        for stale in out_dir.glob(".deeplab_epoch_*.tmp"):
+            stale.unlink(missing_ok=True)
     steps = len(train_set) // config.batch_size
     if steps == 0:
         raise BenchError(f"{len(train_set)} training samples make no full batch of {config.batch_size}")
     cuda = str(device).startswith("cuda")
     model = model.to(device)
+    if world > 1:
+        model = deeplab_ddp.wrap(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler("cuda") if (config.amp and cuda) else None
     generator = torch.Generator().manual_seed(config.seed)
     done = [e for e in range(config.epochs) if checkpoint_path(out_dir, e).exists()]
     first, rng_state = 0, None
+    if world > 1:
+        deeplab_ddp.check_same_on_all_ranks(len(done), f"epoch checkpoints found in {out_dir} (a folder not shared?)")
     if done:
         last = max(e for e in done if all(checkpoint_path(out_dir, k).exists() for k in range(e + 1)))
         state = torch.load(checkpoint_path(out_dir, last), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model_state_dict"])
+        (model.module if world > 1 else model).load_state_dict(state["model_state_dict"])
         optimizer.load_state_dict(state["optimizer_state_dict"])
         generator.set_state(state["generator_state"])
         rng_state = state["rng_state"]
@@ -179,12 +213,18 @@ def train_deeplab(model: torch.nn.Module, train_set: Any, out_dir: Path, config:
     # resumed training draws the same masks; fork_rng leaves the caller's RNG untouched.
     devices = [torch.device(device).index or 0] if cuda else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + rank)  # rank 0 (and a single process) keeps the recipe's seed
         if rng_state is not None:
+            if world > 1:
+                cpu_state, cuda_state = rng_state["ranks"][rank]
+                rng_state = {"cpu": cpu_state, **({"cuda": cuda_state} if cuda else {})}
             torch.set_rng_state(rng_state["cpu"])
             if cuda and "cuda" in rng_state:
                 torch.cuda.set_rng_state(rng_state["cuda"], device)
-        _epochs(model, optimizer, scaler, generator, train_set, out_dir, config, first, steps, device, progress)
+        _epochs(model, optimizer, scaler, generator, train_set, out_dir, config, first, steps, device, progress,
+                rank, world)
+    if world > 1:
+        deeplab_ddp.barrier()  # rank 0's last checkpoint is on disk before any rank goes on to read it
     return [checkpoint_path(out_dir, e) for e in range(config.epochs)]
 
 
