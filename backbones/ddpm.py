@@ -1,7 +1,7 @@
 """``ddpm``: pixel features from a guided-diffusion (ADM) UNet, as in Baranchuk et al. (ICLR 2022).
 
 Each image x0 in [-1, 1] is noised to x_t = a_t x0 + b_t eps for every step t (one shared eps for all
-steps and images), run through the UNet, and the outputs of the chosen decoder blocks are returned at
+steps and images by default; ``noise_mode`` gives the paper's Table 5 variants), run through the UNet, and the outputs of the chosen decoder blocks are returned at
 their native resolution: step-major, blocks ascending within a step (spec section 3). The defaults
 (blocks 5, 6, 7, 8, 12 at steps 50, 150, 250) give the paper's 8448 features per pixel.
 
@@ -26,6 +26,9 @@ from bench.errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+#: the noise variants of paper Table 5 (see :class:`DDPM`)
+NOISE_MODES = ("shared", "per_step", "per_image")
 
 _YANDEX = "https://storage.yandexcloud.net/yandex-research/ddpm-segmentation/models/ddpm_checkpoints/"
 _OPENAI = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
@@ -90,6 +93,14 @@ class DDPM(Backbone):
     official defaults for missing ones) replaces the tag's weights; ``noise`` fixes eps explicitly,
     otherwise it is ``randn(1, 3, S, S)`` from a CPU generator seeded with ``seed`` (spec 3.3).
 
+    ``noise_mode`` (paper Table 5): ``"shared"`` (default) one eps for every step and image;
+    ``"per_step"`` one eps_t per step, drawn from ``derive_seed(seed, "ddpm.noise.step", t)``, shared by
+    all images (train and test); ``"per_image"`` a fresh eps for every (image, step), drawn from the seed,
+    the step and the sha256 of the image's 8-bit content, so test images get noise that no training
+    image saw, and features stay a pure function of the image (hence cacheable). The paper's third row
+    also redraws the training noise at every probe iteration; with cached features each training
+    image keeps its one draw.
+
     Example:
         >>> import bench
         >>> bench.create_backbone("ddpm.lsun_cat", pretrained=False, device="meta").num_features
@@ -117,7 +128,7 @@ class DDPM(Backbone):
     def __init__(self, *, tag: str | None = None, pretrained: bool = True, device: str = "cpu",
                  blocks: Sequence[int] = (5, 6, 7, 8, 12), steps: Sequence[int] = (50, 150, 250),
                  seed: int = 0, noise: "torch.Tensor | None" = None, checkpoint: str | Path | None = None,
-                 arch: Mapping[str, Any] | None = None, fp16: bool = False) -> None:
+                 arch: Mapping[str, Any] | None = None, fp16: bool = False, noise_mode: str = "shared") -> None:
         super().__init__(tag=tag, pretrained=pretrained, device=device)
         import torch
 
@@ -136,6 +147,11 @@ class DDPM(Backbone):
             flag_source = self.weights[tag or self.default_tag].arch
         model = self._configure(flag_source, blocks, steps)
         self.fp16 = bool(fp16)
+        if noise_mode not in NOISE_MODES:
+            raise BenchError(f"ddpm noise_mode must be one of {', '.join(NOISE_MODES)}, got {noise_mode!r}")
+        if noise is not None and noise_mode != "shared":
+            raise BenchError(f"ddpm: an explicit noise tensor is one shared eps; it cannot go with noise_mode={noise_mode!r}")
+        self.noise_mode = noise_mode
         self._set_noise(noise, seed)
         if path is None and pretrained:
             # Fetched only now, so that a wrong block or step costs no download.
@@ -199,6 +215,43 @@ class DDPM(Backbone):
             cpu_noise = torch.randn(size, generator=torch.Generator("cpu").manual_seed(seed))
             self.seed, self._noise_sha256 = seed, ""
         self.noise = cpu_noise.to(self.device)
+        self._step_noise = {}
+        if self.noise_mode == "per_step":
+            from bench.seeding import derive_seed
+
+            self._step_noise = {t: torch.randn(size, generator=torch.Generator("cpu").manual_seed(
+                derive_seed(seed, "ddpm.noise.step", t))).to(self.device) for t in self.steps}
+
+    def step_noises(self, x: "torch.Tensor") -> list["torch.Tensor"]:
+        """The eps of each step (in step order) for images ``x`` in [-1, 1]: ``[1 or B, 3, S, S]`` each.
+
+        Example:
+            >>> import torch, bench
+            >>> bb = bench.create_backbone("ddpm", **DDPM.tiny, steps=[10, 20])
+            >>> a, b = bb.step_noises(torch.zeros(2, 3, 64, 64))
+            >>> a is b, tuple(a.shape)
+            (True, (1, 3, 64, 64))
+        """
+        import torch
+
+        if self.noise_mode == "shared":
+            return [self.noise] * len(self.steps)
+        if self.noise_mode == "per_step":
+            return [self._step_noise[t] for t in self.steps]
+        # per_image: keyed by the 8-bit image (x = u8 / 127.5 - 1), so the draw does not depend on the
+        # batch an image is extracted in, nor on float rounding of the preprocessing.
+        pixels = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        size = (1, *x.shape[1:])
+        per_step = []
+        for t in self.steps:
+            draws = []
+            for image in pixels:
+                content = hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()
+                key = hashlib.sha256(f"ddpm.noise.image/{self.seed}/{t}/{content}".encode()).digest()
+                generator = torch.Generator("cpu").manual_seed(int.from_bytes(key[:8], "big") >> 1)
+                draws.append(torch.randn(size, generator=generator))
+            per_step.append(torch.cat(draws).to(self.device))
+        return per_step
 
     @property
     def input_size(self) -> int:
@@ -258,7 +311,8 @@ class DDPM(Backbone):
         self._check_images(x)
         x = x.to(device=self.device, dtype=torch.float32)
         batch = x.shape[0]
-        noisy = torch.cat([q_sample(x, t, self.noise, self._alphas_cumprod) for t in self.steps])
+        noises = self.step_noises(x)
+        noisy = torch.cat([q_sample(x, t, eps, self._alphas_cumprod) for t, eps in zip(self.steps, noises)])
         timesteps = torch.tensor(self.steps, dtype=torch.long, device=x.device).repeat_interleave(batch)
         with torch.no_grad():
             outputs = self.model.forward_blocks(noisy, timesteps, self.blocks)
@@ -277,6 +331,8 @@ class DDPM(Backbone):
             "blocks": list(self.blocks), "steps": list(self.steps), "seed": self.seed,
             "noise_sha256": self._noise_sha256, "arch": self.flags.to_dict(), "fp16": self.fp16,
         })
+        if self.noise_mode != "shared":  # absent for the default, so existing cache and run keys still hold
+            cfg["noise_mode"] = self.noise_mode
         return cfg
 
     @classmethod
