@@ -85,10 +85,36 @@ def spec_from_args(args: argparse.Namespace, seed: int, **backbone_kwargs: Any):
 
 
 def train_config(args: argparse.Namespace):
-    """The probe settings the options ask for (official ones unless ``--members`` / ``--max-steps``)."""
+    """The official probe settings with ``--members`` / ``--max-steps`` applied (a :class:`~bench.probe.TrainConfig`).
+
+    Example:
+        >>> train_config(argparse.Namespace(members=2, max_steps=None)).members
+        2
+    """
     from bench.probe import TrainConfig
 
     return TrainConfig(members=args.members, max_steps=args.max_steps)
+
+
+def probe_overrides(args: argparse.Namespace) -> dict:
+    """What ``--members`` / ``--max-steps`` change, as overrides of a run's own settings (:func:`probe_config`).
+
+    Example:
+        >>> probe_overrides(argparse.Namespace(members=2, max_steps=None))
+        {'members': 2, 'max_steps': None}
+    """
+    return {"members": args.members, "max_steps": args.max_steps}
+
+
+def probe_config(prep: "Prepared", **overrides: Any):
+    """The run's own probe settings (whatever its key holds: official loop, precision, ...) with ``overrides``.
+
+    Example:
+        >>> # probe_config(prep, members=2).members -> 2
+    """
+    from bench.probe import TrainConfig
+
+    return TrainConfig(**{**prep.plan.key_parts["probe"], **overrides})
 
 
 @dataclass
@@ -188,14 +214,17 @@ def select_maps(store: Any, indices: Sequence[int]) -> MapSubset:
 def train_probe(prep: Prepared, store: Any = None, config: Any = None, *, progress: bool | None = None) -> dict:
     """Train the run's ensemble on ``store`` (a :class:`MapSubset`, default all maps) exactly as a run does.
 
-    ``config`` (:class:`~bench.probe.TrainConfig`) replaces the official probe settings; the member
-    seeds are the run's. Returns :func:`bench.runner.fit_probe`'s dict.
+    ``config``: None (the run's probe settings), a dict of overrides of them (:func:`probe_config`), or a
+    :class:`~bench.probe.TrainConfig`. Member m gets the run's seed of member m. Returns
+    :func:`bench.runner.fit_probe`'s dict.
     """
     from bench import runner
     from bench.labels import load_label, training_label
 
     p = prep.plan
-    members = config.members if config is not None else p.spec.members
+    if config is None or isinstance(config, dict):
+        config = probe_config(prep, **(config or {}))
+    members = config.members
     seeds = p.key_parts["member_seeds"]
     if members > len(seeds):
         from bench.seeding import derive_seed

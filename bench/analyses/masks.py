@@ -30,8 +30,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from bench.analyses._common import (add_run_arguments, evaluate, prepare, run_meta, spec_from_args, train_config,
-                                    train_probe, write_meta)
+from bench.analyses._common import (add_run_arguments, evaluate, prepare, probe_config, run_meta, spec_from_args,
+                                    probe_overrides, train_probe, write_meta)
 
 HELP = "image, ground truth, prediction and ensemble uncertainty side by side (Fig. 5)"
 NAME = "masks"
@@ -223,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
     for seed in args.seeds:
         prep = prepare(spec_from_args(args, seed))
         p = prep.plan
-        config = train_config(args)
+        config = probe_config(prep, **probe_overrides(args))
         trained = train_probe(prep, None, config)
         collect = MaskCollector(args.images)
         scored = evaluate(prep, trained, None, on_image=collect)

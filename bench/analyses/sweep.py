@@ -32,8 +32,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.analyses._common import (add_run_arguments, evaluate, map_indices, output_folder, prepare, run_meta,
-                                    select_maps, spec_from_args, train_config, train_probe, write_meta)
+from bench.analyses._common import (add_run_arguments, evaluate, map_indices, output_folder, prepare, probe_config,
+                                    run_meta, select_maps, spec_from_args, probe_overrides, train_probe, write_meta)
 
 HELP = "mIoU of one probe per (block, noise step), all from one cached extraction (Fig. 2-3)"
 NAME = "sweep"
@@ -101,7 +101,7 @@ def _cell(prep: Any, args: argparse.Namespace, folder: Path, areas: pd.DataFrame
     from bench.results import write_json_atomic
 
     name = f"t{step}.b{block}"
-    config = train_config(args)
+    config = probe_config(prep, **probe_overrides(args))
     key = digest({"run_key": prep.plan.run_key, "map": name, "probe": repr(config)})
     path = folder / "cells" / f"seed{prep.plan.spec.seed}" / f"{name}.json"
     if path.exists():
@@ -215,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
     ])
     meta = {
         "analysis": NAME, "dataset": card.name, "backbone": args.backbone, "seeds": args.seeds,
-        "blocks": args.blocks, "steps": args.steps, "probe": repr(train_config(args)),
+        "blocks": args.blocks, "steps": args.steps, "probe": repr(probe_config(prep, **probe_overrides(args))),
         "size_rule": SIZE_RULE, "metric": "official mIoU (fraction); heat-maps: mean over seeds, in %",
         "runs": seeds_meta,
         "timing": {"extract_s": sum(s["extraction"]["seconds"] for s in seeds_meta),
