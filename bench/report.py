@@ -293,11 +293,18 @@ def page(out: Path, page_path: Path, variant: str = "official") -> str:
             facts.append(f"code: `{git[:12]}`")
         if facts:
             lines += ["; ".join(facts), ""]
+        def link(path: Path) -> str:
+            return Path(os.path.relpath(path.resolve(), where)).as_posix()
+
+        # each figure, then the CSV it was drawn from as a table; other data files as links only
         for png in sorted(folder.glob("*.png")):
-            lines += [f"![{rel}/{png.stem}]({Path(os.path.relpath(png.resolve(), where)).as_posix()})", ""]
-        for csv in sorted(folder.glob("*.csv")):
-            link = Path(os.path.relpath(csv.resolve(), where)).as_posix()
-            lines += [f"[`{csv.name}`]({link})", "", csv_markdown(csv), ""]
+            lines += [f"![{rel}/{png.stem}]({link(png)})", ""]
+            csv = png.with_suffix(".csv")
+            if csv.exists():
+                lines += [f"[`{csv.name}`]({link(csv)}): the numbers drawn", "", csv_markdown(csv), ""]
+        others = [p for p in sorted(folder.iterdir()) if p.suffix in {".csv", ".npz"} and not p.with_suffix(".png").exists()]
+        if others:
+            lines += ["more data: " + ", ".join(f"[`{p.name}`]({link(p)})" for p in others), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
