@@ -155,7 +155,8 @@ def _draw_iou(df: pd.DataFrame, title: str):
 def _draw_stats(df: pd.DataFrame, title: str):
     from bench.figures import new_figure
 
-    classes = list(dict.fromkeys(df["class_name"]))
+    unused_ignore = (df["class_name"] == "(ignore)") & (df.groupby("class_name")["pixels"].transform("sum") == 0)
+    classes = list(dict.fromkeys(df.loc[~unused_ignore, "class_name"]))  # the CSV keeps the empty ignore row
     fig, axes = new_figure(max(6.0, 0.5 * len(classes) + 2), 6.0, nrows=2, sharex=True)
     x = np.arange(len(classes))
     for j, part in enumerate(("train", "test")):

@@ -119,7 +119,7 @@ def _draw(table: pd.DataFrame, title: str):
 def main(args: argparse.Namespace) -> int:
     """Train one probe per size for every seed and write the table, the curve and meta.json."""
     from bench.analyses._common import (evaluate, output_folder, prepare, run_meta, spec_from_args,
-                                        train_config, train_probe, write_meta)
+                                        probe_config, probe_overrides, train_probe, write_meta)
     from bench.analyses._paper import TABLE4, paper_applies
     from bench.figures import save_figure
     from bench.results import write_text_atomic
@@ -136,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
         for n in sizes:
             part = subset(prep, n)
             t0 = time.time()
-            trained = train_probe(part, config=train_config(args))
+            trained = train_probe(part, config=probe_overrides(args))
             scored = evaluate(part, trained)
             rows.append({"seed": seed, "size": n, "miou_official": 100 * scored["miou"]["official"],
                          "miou_standard": 100 * scored["miou"]["standard"],
@@ -158,7 +158,8 @@ def main(args: argparse.Namespace) -> int:
     write_text_atomic(folder / "efficiency_runs.csv", runs.to_csv(index=False))
     write_meta(folder, {"analysis": NAME, "backbone": args.backbone, "sizes": sizes, "seeds": args.seeds,
                         "subset_rule": "the first n images of each seed's training list (sorted by file id)",
-                        "probe": dataclasses.asdict(train_config(args)), "paper_values_shown": bool(paper),
+                        "probe": dataclasses.asdict(probe_config(prep, **probe_overrides(args))),
+                        "paper_values_shown": bool(paper),
                         "runs": metas}, device=prep.plan.device)
     for path in [*written, folder / "efficiency_runs.csv"]:
         print(path)

@@ -124,7 +124,7 @@ def _draw(table: pd.DataFrame, title: str):
 def main(args: argparse.Namespace) -> int:
     """Per seed: one extraction, one probe per variant; write the table, the bars and meta.json."""
     from bench.analyses._common import (evaluate, output_folder, prepare, run_meta, spec_from_args,
-                                        train_config, train_probe, write_meta)
+                                        probe_config, probe_overrides, train_probe, write_meta)
     from bench.analyses._paper import TABLE7, paper_applies
     from bench.analyses.efficiency import summarise
     from bench.cards import get_card
@@ -145,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
         applies.append(paper_applies(prep, args))
         metas.append({**run_meta(prep), "extracted_images": prep.extracted})
         for v in variants:
-            config = dataclasses.replace(train_config(args), hidden=hidden[v])
+            config = {**probe_overrides(args), "hidden": hidden[v]}
             t0 = time.time()
             trained = train_probe(prep, config=config)
             scored = evaluate(prep, trained)
@@ -166,7 +166,7 @@ def main(args: argparse.Namespace) -> int:
     written = save_figure(_draw(table, f"{card.name}: {args.backbone}, probe capacity"), table, folder / "mlp")
     write_text_atomic(folder / "mlp_runs.csv", runs.to_csv(index=False))
     write_meta(folder, {"analysis": NAME, "backbone": args.backbone, "variants": {v: list(hidden[v]) for v in variants},
-                        "seeds": args.seeds, "probe": dataclasses.asdict(train_config(args)),
+                        "seeds": args.seeds, "probe": dataclasses.asdict(probe_config(prep, **probe_overrides(args))),
                         "rules": {"wider": "every hidden width doubled", "deeper": "every hidden layer twice"},
                         "paper_values_shown": bool(paper), "runs": metas}, device=device)
     for path in [*written, folder / "mlp_runs.csv"]:

@@ -89,7 +89,7 @@ def _draw(table: pd.DataFrame, title: str):
 def main(args: argparse.Namespace) -> int:
     """One run per (variant, seed): extract (cached), train, score; write the table, the bars and meta.json."""
     from bench.analyses._common import (evaluate, output_folder, prepare, run_meta, spec_from_args,
-                                        train_config, train_probe, write_meta)
+                                        probe_config, probe_overrides, train_probe, write_meta)
     from bench.analyses._paper import TABLE5, paper_applies
     from bench.analyses.efficiency import summarise
     from bench.cli import parse_options
@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
             prep = prepare(spec_from_args(args, seed, **extra))
             device = prep.plan.device
             t0 = time.time()
-            trained = train_probe(prep, config=train_config(args))
+            trained = train_probe(prep, config=probe_overrides(args))
             scored = evaluate(prep, trained)
             rows.append({"mode": mode, "seed": seed, "miou_official": 100 * scored["miou"]["official"],
                          "miou_standard": 100 * scored["miou"]["standard"], "seconds": time.time() - t0,
@@ -128,7 +128,8 @@ def main(args: argparse.Namespace) -> int:
     written = save_figure(_draw(table, f"{dataset}: {args.backbone}, noise variants"), table, folder / "noise")
     write_text_atomic(folder / "noise_runs.csv", runs.to_csv(index=False))
     write_meta(folder, {"analysis": NAME, "backbone": args.backbone, "modes": modes, "seeds": args.seeds,
-                        "probe": dataclasses.asdict(train_config(args)), "paper_values_shown": bool(paper),
+                        "probe": dataclasses.asdict(probe_config(prep, **probe_overrides(args))),
+                        "paper_values_shown": bool(paper),
                         "per_image_note": "the paper's third row also redraws training noise at every probe "
                                           "iteration; with cached features each training image keeps one draw",
                         "runs": metas}, device=device)

@@ -224,8 +224,8 @@ def _draw(table: pd.DataFrame, title: str):
 
 def main(args: argparse.Namespace) -> int:
     """Train one clean probe per backbone and seed, score it on every corrupted test set, write CSV/PNG/meta."""
-    from bench.analyses._common import (evaluate, output_folder, prepare, run_meta, spec_from_args, train_config,
-                                        train_probe, write_meta)
+    from bench.analyses._common import (evaluate, output_folder, prepare, run_meta, spec_from_args,
+                                        probe_config, probe_overrides, train_probe, write_meta)
     from bench.analyses.efficiency import summarise
     from bench.cards import get_card
     from bench.figures import save_figure
@@ -244,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
             backbone = LazyBackbone(prep)
             label = prep.plan.spec.label
             t0 = time.time()
-            trained = train_probe(prep, config=train_config(args))
+            trained = train_probe(prep, config=probe_overrides(args))
             meta = {**run_meta(prep), "extracted_images": prep.extracted, "train_seconds": time.time() - t0,
                     "corrupted_images_extracted": 0}
 
@@ -284,7 +284,7 @@ def main(args: argparse.Namespace) -> int:
         "severities": severities, "corruption_package": _package_version(),
         "corruption_rule": "applied to the model input image (after --fit, at the card resolution); image i of "
                            "the test list seeded with derive_seed(seed, 'corrupt/<name>/<severity>', i)",
-        "probe": dataclasses.asdict(train_config(args)), "runs": metas,
+        "probe": dataclasses.asdict(probe_config(prep, **probe_overrides(args))), "runs": metas,
     })
     for path in [*written, folder / "robustness_runs.csv"]:
         print(path)
