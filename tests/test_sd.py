@@ -183,3 +183,120 @@ def test_a_folder_missing_a_part_or_a_key_is_named(tmp_path):
     (folder / "scheduler" / "scheduler_config.json").unlink()
     with pytest.raises(CheckpointError, match=r"diffusers folder incomplete: .*scheduler_config\.json not found"):
         bench.create_backbone("sd", checkpoint=folder, **settings)
+
+
+# ---- original (LDM) single-file layout: written here from the tiny models, read by diffusers' converters ----
+
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _moved(state, old: str, new: str, rename=None) -> dict:
+    """The entries under ``old.`` renamed to ``new.`` (first name part through ``rename`` if given)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(old + "."):
+            rest = key[len(old) + 1:]
+            if rename:
+                head, _, tail = rest.partition(".")
+                rest = f"{rename.get(head, head)}.{tail}"
+            out[f"{new}.{rest}"] = value
+    return out
+
+
+def _ldm_unet(state, config) -> dict:
+    """diffusers UNet2DConditionModel keys -> the original openaimodel layout (model.diffusion_model.*)."""
+    per, levels = config["layers_per_block"], len(config["block_out_channels"])
+    pairs = [("conv_in", "input_blocks.0.0", None), ("time_embedding.linear_1", "time_embed.0", None),
+             ("time_embedding.linear_2", "time_embed.2", None), ("conv_norm_out", "out.0", None),
+             ("conv_out", "out.2", None), ("mid_block.resnets.0", "middle_block.0", _LDM_RESNET),
+             ("mid_block.attentions.0", "middle_block.1", None), ("mid_block.resnets.1", "middle_block.2", _LDM_RESNET)]
+    for level in range(levels):
+        for j in range(per):
+            i = 1 + level * (per + 1) + j
+            pairs += [(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{i}.0", _LDM_RESNET),
+                      (f"down_blocks.{level}.attentions.{j}", f"input_blocks.{i}.1", None)]
+        if level < levels - 1:
+            pairs.append((f"down_blocks.{level}.downsamplers.0.conv", f"input_blocks.{1 + level * (per + 1) + per}.0.op", None))
+    for level in range(levels):
+        attention = any(k.startswith(f"up_blocks.{level}.attentions.") for k in state)
+        for j in range(per + 1):
+            i = level * (per + 1) + j
+            pairs += [(f"up_blocks.{level}.resnets.{j}", f"output_blocks.{i}.0", _LDM_RESNET),
+                      (f"up_blocks.{level}.attentions.{j}", f"output_blocks.{i}.1", None)]
+        if level < levels - 1:
+            pairs.append((f"up_blocks.{level}.upsamplers.0.conv",
+                          f"output_blocks.{level * (per + 1) + per}.{2 if attention else 1}.conv", None))
+    out = {}
+    for old, new, rename in pairs:
+        out.update(_moved(state, old, f"model.diffusion_model.{new}", rename))
+    assert len(out) == len(state)
+    return out
+
+
+def _ldm_vae(state, config) -> dict:
+    """diffusers AutoencoderKL keys -> the original layout (first_stage_model.*; attention as 1x1 convs)."""
+    n, per = len(config["block_out_channels"]), config["layers_per_block"]
+    resnet = {"conv_shortcut": "nin_shortcut"}
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+    pairs = [("quant_conv", "quant_conv", None), ("post_quant_conv", "post_quant_conv", None)]
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.conv_in", f"{part}.conv_in", None), (f"{part}.conv_out", f"{part}.conv_out", None),
+                  (f"{part}.conv_norm_out", f"{part}.norm_out", None),
+                  (f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", resnet),
+                  (f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", resnet)]
+    for i in range(n):
+        pairs += [(f"encoder.down_blocks.{i}.resnets", f"encoder.down.{i}.block", None),
+                  (f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv", None),
+                  (f"decoder.up_blocks.{i}.resnets", f"decoder.up.{n - 1 - i}.block", None),
+                  (f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{n - 1 - i}.upsample.conv", None)]
+    out = {}
+    for old, new, rename in pairs:
+        out.update({k.replace("conv_shortcut", "nin_shortcut"): v for k, v in _moved(state, old, new, rename).items()})
+    for part in ("encoder", "decoder"):
+        for key, value in _moved(state, f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", attention).items():
+            out[key.replace("proj_out.0.", "proj_out.")] = value[..., None, None] if value.dim() == 2 else value
+    assert len(out) == len(state)
+    return {f"first_stage_model.{k}": v for k, v in out.items()}
+
+
+def _open_clip(state, hidden: int) -> dict:
+    """Our (transformers-layout) text encoder -> OpenCLIP keys as in SD 2.x files, plus a 2nd layer SD drops."""
+    out = {"cond_stage_model.model.token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+           "cond_stage_model.model.positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+           "cond_stage_model.model.ln_final.weight": state["text_model.final_layer_norm.weight"],
+           "cond_stage_model.model.ln_final.bias": state["text_model.final_layer_norm.bias"],
+           "cond_stage_model.model.text_projection": torch.eye(hidden)}
+    for layer in (0, 1):  # layer 1: a copy standing for the last OpenCLIP layer, which SD 2.x never uses
+        old, new = "text_model.encoder.layers.0.", f"cond_stage_model.model.transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            out[f"{new}attn.in_proj_{kind}"] = torch.cat([state[f"{old}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            out[f"{new}attn.out_proj.{kind}"] = state[f"{old}self_attn.out_proj.{kind}"]
+            for ours, theirs in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                                 ("mlp.fc2", "mlp.c_proj")):
+                out[f"{new}{theirs}.{kind}"] = state[f"{old}{ours}.{kind}"]
+    return out
+
+
+@pytest.mark.parametrize("text_layout", ["clip", "open_clip"])
+def test_an_original_single_file_loads_through_diffusers_converters(tmp_path, text_layout):
+    arch = ARCHS["tiny"]
+    torch.manual_seed(5)
+    models = build_models(arch)
+    state = {**_ldm_unet(models["unet"].state_dict(), arch["unet"]), **_ldm_vae(models["vae"].state_dict(), arch["vae"])}
+    text = models["text_encoder"].state_dict()
+    if text_layout == "clip":  # SD 1.x: transformers' CLIP under cond_stage_model.transformer.
+        state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
+    else:
+        state.update(_open_clip(text, arch["text_encoder"]["hidden_size"]))
+    path = save_safetensors(state, tmp_path / "tiny-sd.safetensors")
+    settings = {k: v for k, v in TINY.items() if k != "pretrained"}
+    loaded = bench.create_backbone("sd", checkpoint=path, seed=5, **settings)
+    reference = bench.create_backbone("sd", **{**TINY, "seed": 5})
+    images = _images()
+    assert loaded.weights_sha256() == bench.hub.sha256_file(path)
+    assert _equal(loaded.extract(images), reference.extract(images))
+    del state["model.diffusion_model.out.2.bias"]  # conv_out of the UNet
+    save_safetensors(state, tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors \(unet\).*missing key 'conv_out\.bias'"):
+        bench.create_backbone("sd", checkpoint=tmp_path / "cut.safetensors", **settings)
