@@ -168,6 +168,11 @@ class StableDiffusion(Backbone):
         self._configure(blocks, steps, ensemble_size, image_size, prompt, fp16, seed)
         self.prompt = prompt
         self._set_noise(seed)
+        from backbones._sd_text import prompt_ids
+
+        # Tokenised now: a prompt that cannot be tokenised fails before any weights are read.
+        length = int(self.arch["text_encoder"].get("max_position_embeddings", 77))
+        self._prompt_ids = prompt_ids(prompt, self.arch["tokens"], length, folder / "tokenizer" if folder else None)
         if str(device) == "meta":  # feature_info and config only; nothing built
             return
         expected = str(sha256 or "").lower()
@@ -193,7 +198,7 @@ class StableDiffusion(Backbone):
             files.load_folder(models, folder_files)
         elif load is not None:
             files.load_single_file(models, self.arch, load)
-        self._finish(models, folder, device)
+        self._finish(models, device)
 
     def _configure(self, blocks: Any, steps: Any, ensemble_size: Any, image_size: Any, prompt: Any, fp16: Any,
                    seed: Any) -> None:
@@ -233,18 +238,13 @@ class StableDiffusion(Backbone):
         self.seed = seed
         self.noise = torch.randn(size, generator=torch.Generator("cpu").manual_seed(seed))
 
-    def _finish(self, models: dict[str, Any], folder: Path | None, device: str) -> None:
+    def _finish(self, models: dict[str, Any], device: str) -> None:
         """Embed the prompt once, drop what features never use, move to the device."""
         import torch
         from diffusers import DDPMScheduler
 
-        from backbones._sd_text import prompt_ids
-
-        text = models["text_encoder"].eval()
-        length = int(text.config.max_position_embeddings)
-        ids = prompt_ids(self.prompt, self.arch["tokens"], length, folder / "tokenizer" if folder else None)
-        with torch.no_grad():
-            self.text_embedding = text(torch.tensor([ids])).to(device)  # [1, L, D], the only use of CLIP
+        with torch.no_grad():  # [1, L, D], the only use of CLIP
+            self.text_embedding = models["text_encoder"].eval()(torch.tensor([self._prompt_ids])).to(device)
         vae, unet = models["vae"], models["unet"]
         del vae.decoder, vae.post_quant_conv  # encoding only
         self.vae = vae.to(device).eval().requires_grad_(False)
