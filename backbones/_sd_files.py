@@ -10,9 +10,8 @@ every component checked key by key and shape by shape (:func:`bench.checkpoints.
   diffusers' converters map it onto the architecture declared by the weights tag. Its digest is its sha256.
 
 Example:
-    >>> import tempfile
-    >>> is_diffusers_folder(Path(tempfile.mkdtemp()))
-    False
+    >>> PARTS["scheduler"]
+    'scheduler_config.json'
 """
 from __future__ import annotations
 
@@ -29,11 +28,6 @@ PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.js
          "tokenizer": "vocab.json", "scheduler": "scheduler_config.json"}
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-
-
-def is_diffusers_folder(path: Path) -> bool:
-    """True when ``path`` is a folder (the layout is checked by :func:`folder_arch`)."""
-    return Path(path).is_dir()
 
 
 def refuse_pickle(path: Path) -> None:

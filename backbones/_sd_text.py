@@ -35,8 +35,8 @@ class TextConfig:
     """The fields of a ``CLIPTextConfig`` (``text_encoder/config.json``) that shape the network.
 
     Example:
-        >>> TextConfig.from_dict({"hidden_size": 8, "architectures": ["CLIPTextModel"]}).hidden_size
-        8
+        >>> TextConfig.from_dict({"hidden_size": 24, "architectures": ["CLIPTextModel"]}).hidden_size
+        24
     """
 
     vocab_size: int = 49408
