@@ -170,13 +170,20 @@ class MapSubset:
         self.folder = store.folder
         self.image_size = store.image_size
 
+    def _selected_files(self, image_id: str) -> list[Path]:
+        files = self.store._files(image_id)  # one file per map: read only the chosen ones
+        return [files[i] for i in self._checked(len(files))]
+
     def load(self, image_id: str, *, mmap: bool = False) -> list:
-        maps = self.store.load(image_id, mmap=mmap)
-        return [maps[i] for i in self._checked(len(maps))]
+        import numpy as np
+        import torch
+
+        return [torch.from_numpy(np.load(f, mmap_mode="c" if mmap else None)) for f in self._selected_files(image_id)]
 
     def map_arrays(self, image_id: str) -> list:
-        arrays = self.store.map_arrays(image_id)
-        return [arrays[i] for i in self._checked(len(arrays))]
+        import numpy as np
+
+        return [np.load(f, mmap_mode="c") for f in self._selected_files(image_id)]
 
     def has(self, image_id: str) -> bool:
         return self.store.has(image_id)
