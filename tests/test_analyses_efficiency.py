@@ -62,3 +62,29 @@ def test_a_size_above_the_training_count_fails_in_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "each size must be 1..3" in err
+
+
+def test_paper_values_attach_only_to_the_papers_method_under_its_conditions():
+    from types import SimpleNamespace
+
+    from bench.analyses._paper import paper_applies
+
+    def prep(backbone="ddpm", tag="lsun_bedroom", dataset="bedroom_28", members=10, kwargs=None,
+             source="official", pretrained=True, max_train=None):
+        spec = SimpleNamespace(backbone=backbone, pretrained=pretrained, members=members, max_train=max_train,
+                               max_test=None, backbone_kwargs=kwargs if kwargs is not None else {"seed": 0})
+        plan = SimpleNamespace(spec=spec, card=SimpleNamespace(name=dataset), weights_source=source,
+                               backbone_config={"tag": tag, "weights_sha256": ""})
+        return SimpleNamespace(plan=plan)
+
+    args = SimpleNamespace(max_steps=None, weights=None)
+    assert paper_applies(prep(), args)
+    assert paper_applies(prep(kwargs={"seed": 0, "noise_mode": "per_step"}), args, own_options=("noise_mode",))
+    assert not paper_applies(prep(kwargs={"seed": 0, "noise_mode": "per_step"}), args)
+    assert not paper_applies(prep(kwargs={"blocks": [6]}), args)  # not the paper's features
+    assert not paper_applies(prep(members=2), args)
+    assert not paper_applies(prep(), SimpleNamespace(max_steps=100, weights=None))
+    assert not paper_applies(prep(source="user"), args) and not paper_applies(prep(pretrained=False), args)
+    assert not paper_applies(prep(max_train=5), args)
+    assert not paper_applies(prep(backbone="mae"), args)  # official weights, but another method (45.0)
+    assert not paper_applies(prep(dataset="demo", tag="demo"), args)
