@@ -71,3 +71,20 @@ def test_run_save_masks_draws_the_run_own_predictions_without_changing_its_key(t
     spec.save_masks = 0
     again = run(spec)
     assert again["run_key"] == result["run_key"] and again["miou"] == result["miou"]
+
+
+def test_run_option_and_analyze_masks_equal_the_run(tmp_path):
+    from bench.cli import _run_specs, build_parser
+
+    argv = ["run", "--backbone", "pixels", "--seeds", "0", "--save-masks", "2"]
+    assert [s.save_masks for s in _run_specs(build_parser(argv).parse_args(argv))] == [2]
+    argv = ["analyze", "masks", "--backbone", "pixels", "--dataset", "demo", "--seeds", "0", "--members", "2",
+            "--max-train", "2", "--max-test", "2", "--images", "2", "--out", str(tmp_path), "--device", "cpu",
+            "--no-progress"]
+    assert masks.main(build_parser(argv).parse_args(argv)) == 0
+    meta = json.loads((tmp_path / "analyses/demo/masks/pixels/seed0/meta.json").read_text())
+    # the same ensemble as the run: same features, member seeds and probe settings, hence the same number
+    result = run(RunSpec("pixels", "demo", seed=0, out=tmp_path / "run", progress=False, max_train=2, max_test=2,
+                         members=2))
+    assert meta["run_key"] == result["run_key"]
+    assert meta["miou"]["official"] == pytest.approx(result["miou"]["official"], abs=1e-12)
