@@ -7,6 +7,8 @@
     bench synth datasetgan --dataset horse21 --weights G.pkl --annotated annotated/ --num 50000
 
 Each (split seed, size) gives one result JSON under ``--out``; ``bench report`` shows the rows.
+With ``--launcher local|slurm`` each split seed is one job of a job array (``bench.launch``); with
+``--nproc N`` DeepLab trains under torchrun on N processes (``baselines.deeplab_ddp``).
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ def add_parser(sub: Any, positive_int: Callable, positive_float: Callable, seeds
                    help="epoch ties: lowest epoch, or the official lexicographic visiting order")
     s.add_argument("--amp", action="store_true", help="CUDA: mixed precision for DeepLab")
     s.add_argument("--workers", type=int, default=0, help="CUDA: DataLoader workers for DeepLab (default 0)")
+    s.add_argument("--nproc", type=positive_int, default=1,
+                   help="DeepLab data-parallel processes under torchrun (DDP; one per GPU; divides the batch)")
     s.add_argument("--probe-images", type=positive_int, help="--train probe: kept samples to train on (default: the card's train count)")
     s.add_argument("--probe-backbone", help="--train probe: backbone of the probe (default: the set's ddpm)")
     s.add_argument("--name", help="row label (default: the method; '@SIZE' is appended for several sizes)")
@@ -79,6 +83,9 @@ def add_parser(sub: Any, positive_int: Callable, positive_float: Callable, seeds
     s.add_argument("--max-memory", type=positive_float, default=4.0, metavar="GB", help="memory budget (default 4)")
     s.add_argument("--overwrite", action="store_true", help="replace a result of another configuration")
     s.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
+    from bench.launch import add_arguments as add_launch_arguments
+
+    add_launch_arguments(s)
     s.set_defaults(func=cmd_synth)
 
 
@@ -95,11 +102,8 @@ def _sampler(args: argparse.Namespace) -> str:
     return kind
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
-    """Make each seed's set, then train and score on each size; prints the report at the end."""
-    from baselines.synth import SynthSpec, describe, synthesize
-    from baselines.synth_train import TrainSpec, train_on_set
-    from bench import report
+def _plan(args: argparse.Namespace, resolve: bool = True) -> dict:
+    """Everything checked and derived before any work (``resolve=False``: the device is the job's business)."""
     from bench.cards import get_card
     from bench.cli import check_writable, parse_options
     from bench.errors import BenchError
@@ -123,7 +127,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             raise BenchError(f"--generator-config is not valid JSON: {err}") from err
     if args.train != "none":
         check_writable(Path(args.out))
-    device = resolve_device(args.device)
+    device = resolve_device(args.device) if resolve else args.device
     deeplab = None
     if args.train == "deeplab":
         from baselines.deeplab_train import DeepLabConfig
@@ -131,43 +135,112 @@ def cmd_synth(args: argparse.Namespace) -> int:
         init = args.deeplab_backbone_init or ("imagenet" if args.deeplab_arch == "resnet101" else "random")
         deeplab = DeepLabConfig(arch=args.deeplab_arch, epochs=args.epochs, batch_size=args.deeplab_batch_size,
                                 lr=args.lr, backbone_init=init, amp=args.amp, workers=args.workers,
-                                selection=args.selection)
-    progress = not args.no_progress
+                                selection=args.selection, nproc=args.nproc)
+    label = args.name or (args.method if args.train == "deeplab" else f"ddpm-on-{args.method}")
+    return {"card": card, "sizes": sizes, "options": options, "gan": gan, "generator_kwargs": generator_kwargs,
+            "device": device, "deeplab": deeplab, "label": label}
+
+
+def _outputs(args: argparse.Namespace, plan: dict, seed: int) -> dict[int, str]:
+    """``{size: result path relative to --out}`` of one seed."""
+    from bench.results import run_path
+
+    if args.train == "none":
+        return {}
+    seed_name = seed if args.split == "resplit" else "released"
+    return {size: run_path(Path("."), plan["card"].name, plan["label"] + (f"@{size}" if len(plan["sizes"]) > 1 else ""),
+                           seed_name).as_posix() for size in plan["sizes"]}
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
+    """One seed of ``bench synth``: make (or resume) its set, train and score each size.
+
+    Returns ``{result path relative to --out: run key}`` (a unit of ``bench.launch``).
+    """
+    from baselines.synth import SynthSpec, describe, synthesize
+    from baselines.synth_train import TrainSpec, train_on_set
+
+    plan = _plan(args)
+    card, device, progress = plan["card"], plan["device"], not args.no_progress
+    spec = SynthSpec(method=args.method, dataset=args.dataset, num=args.num, seed=seed, backbone=args.backbone,
+                     backbone_kwargs=plan["options"], generator=args.weights if plan["gan"] else None,
+                     generator_kwargs=plan["generator_kwargs"], annotated=args.annotated, sampler=_sampler(args),
+                     sample_steps=args.sample_steps, eta=args.eta, truncation_psi=args.truncation_psi,
+                     truncation_cutoff=args.truncation_cutoff, label_input=args.label_input,
+                     shard_size=args.shard_size, batch_size=args.batch_size, device=device,
+                     max_memory_gb=args.max_memory, progress=progress)
+    if args.released:
+        from baselines.released import import_released
+
+        synth_set = import_released(Path(args.released), args.method, args.dataset, shard_size=args.shard_size,
+                                    progress=progress)
+    else:
+        synth_set = synthesize(spec)
+    print(json.dumps(describe(synth_set)), file=sys.stderr, flush=True)
+    keys = {}
+    for size, output in _outputs(args, plan, seed).items():
+        label = Path(output).parent.name
+        result = train_on_set(synth_set, TrainSpec(
+            dataset=args.dataset, seed=seed, split=args.split, model=args.train, max_data=size, rule=args.filter,
+            portion=args.portion, deeplab=plan["deeplab"], imagenet_weights=args.imagenet_weights,
+            probe_images=args.probe_images, probe_backbone=args.probe_backbone, name=label, out=Path(args.out),
+            device=device, max_memory_gb=args.max_memory, progress=progress, overwrite=args.overwrite))
+        keys[output] = result["run_key"]
+        print(f"{label} on {card.name}, seed {seed}, {size} samples: mIoU official "
+              f"{100 * result['miou']['official']:.2f}  standard {100 * result['miou']['standard']:.2f}",
+              file=sys.stderr, flush=True)
+    return keys
+
+
+def _absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy whose file and folder arguments are absolute: a job may start in another directory."""
+    import copy
+
+    args = copy.copy(args)
+    for name in ("out", "weights", "annotated", "released", "imagenet_weights", "dataset"):
+        value = getattr(args, name)
+        if value and (name == "out" or Path(value).exists()):
+            setattr(args, name, str(Path(value).resolve()))
+    return args
+
+
+def _launched(args: argparse.Namespace, launch) -> int:
+    """``bench synth --launcher local|slurm``: one job per split seed, writing into the same results tree."""
+    from bench import report
+    from bench.launch import Unit, submit
+
+    plan = _plan(args, resolve=False)
+    job_args = _absolute_paths(args)
+    job_args.no_progress = True
+    units = []
     for seed in args.seeds:
-        spec = SynthSpec(method=args.method, dataset=args.dataset, num=args.num, seed=seed, backbone=args.backbone,
-                         backbone_kwargs=options, generator=args.weights if gan else None,
-                         generator_kwargs=generator_kwargs, annotated=args.annotated, sampler=_sampler(args),
-                         sample_steps=args.sample_steps, eta=args.eta, truncation_psi=args.truncation_psi,
-                         truncation_cutoff=args.truncation_cutoff, label_input=args.label_input,
-                         shard_size=args.shard_size, batch_size=args.batch_size, device=device,
-                         max_memory_gb=args.max_memory, progress=progress)
-        if args.released:
-            from baselines.released import import_released
+        outputs = list(_outputs(args, plan, seed).values())
+        name = f"synth/{plan['card'].name}/{plan['label']}/seed{seed}"
+        units.append(Unit(name=name, fn=run_seed, args=(job_args, seed), outputs=outputs))
+    threads = None
+    if launch.launcher == "local":  # a seed is heavy (a generator sampling): one at a time unless asked
+        import os
+        from dataclasses import replace
 
-            synth_set = import_released(Path(args.released), args.method, args.dataset, shard_size=args.shard_size,
-                                        progress=progress)
-        else:
-            synth_set = synthesize(spec)
-        print(json.dumps(describe(synth_set)), file=sys.stderr, flush=True)
-        if args.train == "none":
-            continue
-        for size in sizes:
-            label = args.name or (args.method if args.train == "deeplab" else f"ddpm-on-{args.method}")
-            if len(sizes) > 1:
-                label = f"{label}@{size}"
-            result = train_on_set(synth_set, TrainSpec(
-                dataset=args.dataset, seed=seed, split=args.split, model=args.train, max_data=size, rule=args.filter,
-                portion=args.portion, deeplab=deeplab, imagenet_weights=args.imagenet_weights,
-                probe_images=args.probe_images, probe_backbone=args.probe_backbone, name=label, out=Path(args.out),
-                device=device, max_memory_gb=args.max_memory, progress=progress, overwrite=args.overwrite))
-            print(f"{label} on {card.name}, seed {seed}, {size} samples: mIoU official "
-                  f"{100 * result['miou']['official']:.2f}  standard {100 * result['miou']['standard']:.2f}",
-                  file=sys.stderr, flush=True)
+        launch = replace(launch, array_parallelism=launch.array_parallelism or 1)
+        threads = max(1, (os.cpu_count() or 1) // launch.array_parallelism)
+    submit(units, Path(args.out), launch, command=" ".join(sys.argv), overwrite=args.overwrite, threads=threads)
+    if launch.launcher == "local" and args.train != "none":
+        print(report.render(Path(args.out), "md"))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Make each seed's set, then train and score on each size; prints the report at the end."""
+    from bench import report
+    from bench.launch import options_from_args
+
+    launch = options_from_args(args)
+    if launch.launcher != "inprocess":
+        return _launched(args, launch)
+    _plan(args)  # every check before the first seed's work
+    for seed in args.seeds:
+        run_seed(args, seed)
     if args.train != "none":
-        if len(sizes) > 1:  # Table 6: the curve and the CSV behind it, next to the other analyses
-            from baselines.size_curve import size_curve
-
-            for path in size_curve(Path(args.out), card.name):
-                print(f"wrote {path}", file=sys.stderr)
         print(report.render(Path(args.out), "md"))
     return 0

@@ -78,6 +78,9 @@ class DeepLabConfig:
             raise BenchError(f"DeepLab workers must be >= 0, got {self.workers}")
         if int(self.nproc) < 1 or self.batch_size % int(self.nproc):
             raise BenchError(f"DeepLab nproc must be >= 1 and divide the batch {self.batch_size}, got {self.nproc}")
+        if self.nproc > 1 and self.batch_size // self.nproc < 2:  # train-mode BatchNorm needs 2 images per rank
+            raise BenchError(f"DeepLab nproc {self.nproc} leaves {self.batch_size // self.nproc} image per rank of "
+                             f"the batch {self.batch_size}; BatchNorm needs at least 2")
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -158,14 +158,23 @@ def execute_unit(fn: Callable[..., dict], args: tuple, record: str, threads: int
     return keys
 
 
+def import_submitit() -> Any:
+    """The submitit module, or a one-line error saying how to install it."""
+    try:
+        import submitit
+    except ImportError as err:
+        raise BenchError("the local and slurm launchers run on submitit, which is not installed: "
+                         "pip install -e '.[cluster]'") from err
+    return submitit
+
+
 def make_executor(opts: LaunchOptions, folder: Path, units: int):
     """A submitit executor for ``opts.launcher`` (local or slurm) with the job parameters set.
 
     Example:
         >>> # make_executor(LaunchOptions("slurm", partition="gpu", gpus=1), Path("reports/_jobs/slurm"), 10)
     """
-    import submitit
-
+    submitit = import_submitit()
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster=opts.launcher)
     except RuntimeError as err:  # SlurmExecutor: no srun on this machine
@@ -271,24 +280,29 @@ def _wait(send: Callable[[list[int]], list], entries: list[dict], width: int, sa
     total = len(entries)
     running: dict[int, Any] = {}
     next_unit, finished, failed = 0, 0, []
-    while finished < total:
-        if len(running) < width and next_unit < total:
-            todo = list(range(next_unit, min(total, next_unit + width - len(running))))
-            running.update(zip(todo, send(todo)))
-            next_unit += len(todo)
-        for i, job in list(running.items()):
-            if not job.done():
-                continue
-            del running[i]
-            finished += 1
-            record = _read_json(Path(entries[i]["record"]))
-            if record.get("state") != "done":
-                failed.append(entries[i]["unit"])
-                why = record.get("error", "the job ended without a record: killed?")
-                say(f"[{finished}/{total}] {entries[i]['unit']}: FAILED ({why}); log: {job.paths.stderr}")
-            else:
-                say(f"[{finished}/{total}] {entries[i]['unit']}: done (job {entries[i]['job_id']})")
-        time.sleep(0.2)
+    try:
+        while finished < total:
+            if len(running) < width and next_unit < total:
+                todo = list(range(next_unit, min(total, next_unit + width - len(running))))
+                running.update(zip(todo, send(todo)))
+                next_unit += len(todo)
+            for i, job in list(running.items()):
+                if not job.done():
+                    continue
+                del running[i]
+                finished += 1
+                record = _read_json(Path(entries[i]["record"]))
+                if record.get("state") != "done":
+                    failed.append(entries[i]["unit"])
+                    why = record.get("error", "the job ended without a record: killed?")
+                    say(f"[{finished}/{total}] {entries[i]['unit']}: FAILED ({why}); log: {job.paths.stderr}")
+                else:
+                    say(f"[{finished}/{total}] {entries[i]['unit']}: done (job {entries[i]['job_id']})")
+            time.sleep(0.2)
+    except BaseException:  # Ctrl-C: local jobs would outlive this process; stop them (a re-run resumes)
+        for job in running.values():
+            job.cancel(check=False)
+        raise
     if failed:
         raise BenchError(f"{len(failed)} of {total} units failed ({', '.join(failed[:3])}"
                          f"{' ...' if len(failed) > 3 else ''}); `bench status` shows them, and re-running the "

@@ -57,8 +57,9 @@ def _slurm_states(folder: str, job_ids: list[str]) -> dict[str, str]:
     """Scheduler states (``sacct`` through submitit's watcher), ``UNKNOWN`` where it cannot tell."""
     if not job_ids:
         return {}
-    import submitit
+    from bench.launch import import_submitit
 
+    submitit = import_submitit()
     jobs = [submitit.SlurmJob(folder=folder, job_id=j) for j in job_ids]  # registers all: one sacct call
     return {j.job_id: (j.watcher.get_state(j.job_id, mode="force") or "UNKNOWN").split()[0] for j in jobs}
 

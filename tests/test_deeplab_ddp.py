@@ -126,3 +126,24 @@ def test_nproc_must_divide_the_batch():
 
     with pytest.raises(BenchError, match="divide the batch 8"):
         DeepLabConfig(nproc=3)
+    with pytest.raises(BenchError, match="BatchNorm needs at least 2"):
+        DeepLabConfig(batch_size=8, nproc=8)
+
+
+def test_a_synthetic_training_set_reaches_the_ranks_as_files(tmp_path):
+    from baselines.deeplab_ddp import _describe_train_set, _open_train_set
+    from baselines.released import import_released
+    from baselines.synth_train import KeptSamples
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rel.npz", rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8),
+             rng.integers(0, 9, (6, 8, 8), dtype=np.uint8), rng.random(6).astype(np.float32))
+    synth = import_released(tmp_path / "rel.npz", "datasetddpm", "demo", shard_size=4, root=tmp_path / "s",
+                            progress=False)
+    kept = KeptSamples(synth, np.array([5, 0, 3]))
+    desc = json.loads(json.dumps(_describe_train_set(kept, tmp_path)))  # what job.json carries
+    assert desc["kind"] == "synth" and not (tmp_path / "train_set.npz").exists()
+    opened = _open_train_set(desc)
+    assert len(opened) == 3
+    for i in range(3):
+        assert all(np.array_equal(a, b) for a, b in zip(opened[i], kept[i]))

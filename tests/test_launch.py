@@ -177,3 +177,48 @@ def test_slurm_without_a_cluster_is_a_one_line_error(tmp_path, monkeypatch, caps
                  "--launcher", "slurm"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "srun" in err[0]
+
+
+def test_bench_synth_fans_out_one_job_per_seed_and_skips_seeds_with_results(tmp_path, monkeypatch, capsys):
+    _fake_slurm(tmp_path, monkeypatch)
+    out = tmp_path / "reports"
+    args = ["synth", "datasetddpm", "--dataset", "demo", "--backbone", "ddpm.demo", "--num", "100", "--sizes", "50,100",
+            "--seeds", "0,1,2", "--deeplab-arch", "small", "--nproc", "2", "--out", str(out),
+            "--launcher", "slurm", "--array-parallelism", "2", "--gpus", "2"]
+    assert main(args) == 0
+    assert "#SBATCH --array=0-2%2" in (tmp_path / "sbatch_0.sh").read_text()
+    [batch] = _manifests(out)
+    assert [u["unit"] for u in batch["units"]] == [f"synth/demo/datasetddpm/seed{s}" for s in (0, 1, 2)]
+    assert batch["units"][1]["outputs"] == ["runs/demo/datasetddpm@50/seed1.json", "runs/demo/datasetddpm@100/seed1.json"]
+
+    for output in batch["units"][0]["outputs"]:  # seed 0 finished; seed 1 still runs; seed 2 was cancelled
+        (out / output).parent.mkdir(parents=True, exist_ok=True)
+        (out / output).write_text(json.dumps({"run_key": "k"}))
+    (tmp_path / "sacct.txt").write_text("4242_0|COMPLETED|n1\n4242_1|RUNNING|n1\n4242_2|CANCELLED by 0|n2\n")
+    lines = status.render(out).splitlines()
+    assert "1 done, 1 running, 1 failed, 0 missing" in lines[0], lines
+    assert main(args) == 0
+    second = _manifests(out)[1]
+    assert [u["unit"] for u in second["units"]] == ["synth/demo/datasetddpm/seed2"]
+    assert second["skipped"]["synth/demo/datasetddpm/seed0"] == "done"
+    assert second["skipped"]["synth/demo/datasetddpm/seed1"].startswith("running in batch")
+
+
+def test_bench_synth_through_the_local_executor_from_a_released_set(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rel.npz", rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
+             rng.integers(0, 9, (8, 64, 64), dtype=np.uint8), rng.random(8).astype(np.float32))
+    out = tmp_path / "reports"
+    args = ["synth", "datasetddpm", "--dataset", "demo", "--released", str(tmp_path / "rel.npz"), "--num", "8",
+            "--shard-size", "4", "--deeplab-arch", "small", "--epochs", "1", "--deeplab-batch-size", "4",
+            "--launcher", "local", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    result = json.loads((out / "runs/demo/datasetddpm/seed0.json").read_text())
+    assert result["synthetic"]["num"] == 8 and result["model"]["config"]["epochs"] == 1
+    assert "| datasetddpm |" in capsys.readouterr().out
+    assert "1 done, 0 running, 0 failed, 0 missing" in status.render(out)
+    assert main(args) == 0  # nothing left to do: no second job, no second batch
+    assert "1 units: 0 to submit, 1 skipped (1 done, 0 running)" in capsys.readouterr().err
+    assert len(_manifests(out)) == 1
