@@ -130,7 +130,7 @@ def _run_specs(args: argparse.Namespace) -> list:
             backbone_kwargs=options, device=args.device, max_memory_gb=args.max_memory,
             out=Path(args.out), progress=not args.no_progress, name=args.name or "",
             extract_batch=args.batch_size, fit=args.fit, cache_dtype=args.cache_dtype, overwrite=args.overwrite,
-            save_masks=getattr(args, "save_masks", 0),
+            save_masks=getattr(args, "save_masks", 0), probe_precision=getattr(args, "probe_precision", "auto"),
         )
         for b in backbones for p in pretrained for s in (args.seeds if args.split == "resplit" else [0])
         # --random-controls: a backbone without weights has no random-init control distinct from itself
@@ -369,6 +369,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                      help="precision of the on-disk feature cache (default float16)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a result of another configuration under the same label (default: refuse)")
+    run.add_argument("--probe-precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                     help="precision of the probe's first-layer matmuls (float32 master weights and Adam "
+                          "always): auto = bf16 where the CPU (AMX/AVX512-BF16) or GPU computes it natively, "
+                          "else fp32; fp16 on CUDA only. Part of the run key")
     run.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
     run.add_argument("--save-masks", type=_positive_int, default=0, metavar="N",
                      help="draw image / ground truth / prediction / uncertainty of the first N test images "

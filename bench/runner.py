@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ class RunSpec:
     fit: str = "stretch"  # how non-square images become the model's square input (bench.images)
     cache_dtype: str = "float16"  # feature cache precision: float16 (default) or float32
     overwrite: bool = False  # replace a result of another configuration under the same label
+    probe_precision: str = "auto"  # first-layer precision of the probe (bench.probe_precision); resolved in plan
     save_masks: int = 0  # draw the first n test images' masks (bench.analyses.masks); output only, not in the key
 
     @property
@@ -201,7 +202,11 @@ def plan(spec: RunSpec) -> Plan:
         config["init_seed"] = derive_seed(spec.seed, "init")
     user_weights = spec.backbone_kwargs.get("checkpoint") is not None
     weights_source = "none" if not config.get("weights_sha256") else ("user" if user_weights else "official")
-    probe_config = {**asdict(probe.TrainConfig(members=spec.members))}
+    from bench.probe_precision import resolve_precision
+
+    # the resolved mode (never "auto") enters the key; fp32 is left out so fp32 keys are what they were
+    precision = resolve_precision(spec.probe_precision, device)
+    probe_config = probe.config_key_parts(probe.TrainConfig(members=spec.members, precision=precision))
     member_seeds = [derive_seed(spec.seed, "member", m) for m in range(spec.members)]
     settings = {
         "protocol": PROTOCOL_VERSION,
@@ -251,8 +256,10 @@ def train(p: Plan, store: features.FeatureStore) -> dict:
     """Stage 3: the training pixel index, the pixel source the memory budget allows, the ensemble."""
     spec, card = p.spec, p.card
     labels = (training_label(load_label(s, card, spec.fit), card) for s in p.train)
+    config = probe.TrainConfig(members=spec.members, precision=p.key_parts["probe"].get("precision", "fp32"))
     return fit_probe(store, [p.content[s.id] for s in p.train], labels, card, seeds=p.key_parts["member_seeds"],
-                     members=spec.members, max_memory_gb=spec.max_memory_gb, device=p.device, progress=spec.progress)
+                     members=spec.members, max_memory_gb=spec.max_memory_gb, device=p.device, progress=spec.progress,
+                     config=config)
 
 
 def fit_probe(store: features.FeatureStore, ids: list[str], labels: Any, card: DatasetCard, *,
@@ -409,6 +416,7 @@ def run(spec: RunSpec) -> dict:
             "members": spec.members,
             "member_seeds": p.key_parts["member_seeds"],
             "probe": p.key_parts["probe"],
+            "probe_precision": p.key_parts["probe"].get("precision", "fp32"),
             "pixel_source": trained["pixel_source"],
             "max_memory_gb": spec.max_memory_gb,
             "cache_dtype": spec.cache_dtype,
