@@ -79,7 +79,7 @@ def convert_rows(rows: Tensor, dtype: torch.dtype) -> Tensor:
 
     Every fp16 value is exact in float32, so the detour rounds once, like the direct cast. It is
     there because torch's CPU cast from fp16 to bf16 is not vectorised: measured on this 2-core box
-    (640 x 8448 rows) ~4x slower than the two vectorised casts together (benchmarks/README.md).
+    (640 x 8448 rows) 2-4x slower than the two vectorised casts together (benchmarks/README.md).
 
     Example:
         >>> import torch
