@@ -58,6 +58,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, backbone: str = "ddpm"
     parser.add_argument("--max-train", type=_positive_int, default=None, help="keep the first n training images")
     parser.add_argument("--max-test", type=_positive_int, default=None, help="keep the first n test images")
     parser.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16", help="feature cache dtype")
+    parser.add_argument("--probe-precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="first-layer precision of the probes, as for bench run (default auto)")
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="images per extraction batch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
 
@@ -81,7 +83,8 @@ def spec_from_args(args: argparse.Namespace, seed: int, **backbone_kwargs: Any):
     return RunSpec(backbone=args.backbone, dataset=args.dataset, seed=seed, pretrained=args.pretrained,
                    backbone_kwargs=options, device=args.device, max_memory_gb=args.max_memory, out=Path(args.out),
                    progress=not args.no_progress, extract_batch=args.batch_size, members=args.members,
-                   max_train=args.max_train, max_test=args.max_test, cache_dtype=args.cache_dtype)
+                   max_train=args.max_train, max_test=args.max_test, cache_dtype=args.cache_dtype,
+                   probe_precision=getattr(args, "probe_precision", "auto"))
 
 
 def train_config(args: argparse.Namespace):
