@@ -371,8 +371,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                      help="replace a result of another configuration under the same label (default: refuse)")
     run.add_argument("--probe-precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                      help="precision of the probe's first-layer matmuls (float32 master weights and Adam "
-                          "always): auto = bf16 where the CPU (AMX/AVX512-BF16) or GPU computes it natively, "
-                          "else fp32; fp16 on CUDA only. Part of the run key")
+                          "always): auto = bf16 where the CPU (AMX/AVX512-BF16) or GPU computes it natively and "
+                          "there are >= 2048 features per pixel, else fp32; fp16 on CUDA only. Part of the run key")
     run.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
     run.add_argument("--save-masks", type=_positive_int, default=0, metavar="N",
                      help="draw image / ground truth / prediction / uncertainty of the first N test images "

@@ -11,7 +11,8 @@ after each step, and the weight gradient lands in one float32 buffer Adam reads 
 allocation of weight-sized tensors).
 
 ``auto`` picks bf16 where the hardware computes it natively (CPUs with AMX or AVX512-BF16; CUDA GPUs
-with bf16 support) and fp32 elsewhere; fp16 is never picked automatically. Why bf16 is the default:
+with bf16 support) and the features are wide enough for the first layer to dominate a step
+(:data:`AUTO_BF16_MIN_FEATURES`), fp32 elsewhere; fp16 is never picked automatically. Why bf16 is the default:
 on the demo its mIoU over 5 seeds is within one standard deviation of fp32 (benchmarks/README.md).
 The mode is part of a run's key, so results of different precisions are never mixed.
 """
@@ -62,8 +63,15 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """A concrete mode for ``device``: ``auto`` -> bf16 where native (see module doc), else fp32.
+#: ``auto`` picks bf16 only from this many features per pixel: below it the first layer is not what a
+#: step costs (CPU, 10 members, per step: 864 features bf16 5.6-5.8 ms vs fp32 5.7-5.9 ms; 5 features
+#: 1.65 vs 1.34 ms, the casts cost more than they save; 8448 features: 2x, benchmarks/README.md)
+AUTO_BF16_MIN_FEATURES = 2048
+
+
+def resolve_precision(precision: str, device: str, num_features: int | None = None) -> str:
+    """A concrete mode for ``device``: ``auto`` -> bf16 where native (see module doc) and the features
+    are wide enough to gain (``num_features`` >= :data:`AUTO_BF16_MIN_FEATURES`, or unknown), else fp32.
 
     fp16 is refused off CUDA (no CPU here computes fp16 GEMMs faster than fp32: 17 ms vs 11 ms for
     the probe's first layer on this AMX box), and a mode's name is checked before any work.
@@ -71,11 +79,13 @@ def resolve_precision(precision: str, device: str) -> str:
     Example:
         >>> resolve_precision("fp32", "cpu")
         'fp32'
-        >>> resolve_precision("auto", "mps")
-        'fp32'
+        >>> resolve_precision("auto", "mps"), resolve_precision("auto", "cpu", num_features=864)
+        ('fp32', 'fp32')
     """
     device = str(device)
     if precision == "auto":
+        if num_features is not None and num_features < AUTO_BF16_MIN_FEATURES:
+            return "fp32"
         if device.startswith("cuda"):
             return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
         if device == "cpu":

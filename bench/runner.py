@@ -205,7 +205,7 @@ def plan(spec: RunSpec) -> Plan:
     from bench.probe_precision import resolve_precision
 
     # the resolved mode (never "auto") enters the key; fp32 is left out so fp32 keys are what they were
-    precision = resolve_precision(spec.probe_precision, device)
+    precision = resolve_precision(spec.probe_precision, device, getattr(backbone, "num_features", None))
     probe_config = probe.config_key_parts(probe.TrainConfig(members=spec.members, precision=precision))
     member_seeds = [derive_seed(spec.seed, "member", m) for m in range(spec.members)]
     settings = {

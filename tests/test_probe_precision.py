@@ -131,6 +131,8 @@ def test_resolve_precision_and_refusals():
     assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
     assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("auto", "cpu", num_features=8448) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("auto", "cpu", num_features=864) == "fp32"  # narrow features: bf16 gains nothing
     with pytest.raises(BenchError, match="fp16 needs a CUDA device"):
         resolve_precision("fp16", "cpu")
     with pytest.raises(BenchError, match="must be one of fp32, bf16, fp16, got 'half'"):
