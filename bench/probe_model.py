@@ -30,9 +30,10 @@ def mlp_hidden_sizes(num_classes: int) -> tuple[int, int]:
     return (128, 32) if num_classes < 30 else (256, 128)
 
 
-def _layer_sizes(in_dim: int, num_classes: int, hidden: tuple[int, int]) -> list[tuple[int, int]]:
-    """(in, out) of the three Linear layers."""
-    return [(in_dim, hidden[0]), (hidden[0], hidden[1]), (hidden[1], num_classes)]
+def _layer_sizes(in_dim: int, num_classes: int, hidden: Sequence[int]) -> list[tuple[int, int]]:
+    """(in, out) of the Linear layers: three for the paper's two hidden widths (any number for Table 7)."""
+    widths = [int(in_dim), *(int(w) for w in hidden), int(num_classes)]
+    return list(zip(widths[:-1], widths[1:]))
 
 
 def _draw_linear_weights(sizes: list[tuple[int, int]], seed: int) -> list[Tensor]:
@@ -76,12 +77,14 @@ def _ensemble_tail(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], 
     Split off so that a low-precision first layer (:mod:`bench.probe_precision`) feeds the same
     float32 ops as the reference path.
     """
-    h = _batch_norm(h, params["norm1_weight"], params["norm1_bias"], buffers["norm1_running_mean"],
-                    buffers["norm1_running_var"], training)
-    h = torch.baddbmm(params["linear2_bias"], h, params["linear2_weight"]).relu()
-    h = _batch_norm(h, params["norm2_weight"], params["norm2_bias"], buffers["norm2_running_mean"],
-                    buffers["norm2_running_var"], training)
-    return torch.baddbmm(params["linear3_bias"], h, params["linear3_weight"])
+    depth = sum(1 for name in params if name.startswith("norm") and name.endswith("_weight"))  # hidden layers
+    for i in range(1, depth + 1):
+        h = _batch_norm(h, params[f"norm{i}_weight"], params[f"norm{i}_bias"], buffers[f"norm{i}_running_mean"],
+                        buffers[f"norm{i}_running_var"], training)
+        h = torch.baddbmm(params[f"linear{i + 1}_bias"], h, params[f"linear{i + 1}_weight"])
+        if i < depth:
+            h = h.relu()
+    return h
 
 
 class EnsembleMLP(nn.Module):
@@ -101,7 +104,7 @@ class EnsembleMLP(nn.Module):
     """
 
     def __init__(self, in_dim: int, num_classes: int, members: int = 10,
-                 hidden: tuple[int, int] | None = None, seeds: Sequence[int] | None = None,
+                 hidden: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
                  precision: str = "fp32") -> None:
         super().__init__()
         from bench.probe_precision import check_precision
@@ -150,12 +153,7 @@ class EnsembleMLP(nn.Module):
         else:
             h = (feats.to(w1.device, dtype) @ w1.to(dtype)).float()
         h = h.view(-1, m, h1).transpose(0, 1) + params["linear1_bias"]
-        h = _batch_norm(h.relu_(), params["norm1_weight"], params["norm1_bias"],
-                        buffers["norm1_running_mean"], buffers["norm1_running_var"], training=False)
-        h = torch.baddbmm(params["linear2_bias"], h, params["linear2_weight"]).relu_()
-        h = _batch_norm(h, params["norm2_weight"], params["norm2_bias"],
-                        buffers["norm2_running_mean"], buffers["norm2_running_var"], training=False)
-        logits = torch.baddbmm(params["linear3_bias"], h, params["linear3_weight"])
+        logits = _ensemble_tail(params, buffers, h.relu_(), training=False)
         return logits.argmax(-1), logits.softmax(-1)
 
     @torch.no_grad()
@@ -183,20 +181,16 @@ class EnsembleMLP(nn.Module):
         return seq.to(self.linear1_weight.device).eval()
 
 
-def _empty_member(in_dim: int, num_classes: int, hidden: tuple[int, int]) -> nn.Sequential:
+def _empty_member(in_dim: int, num_classes: int, hidden: Sequence[int]) -> nn.Sequential:
     # skip_init: the default Linear init would draw from (and so change) the global RNG for nothing.
-    def linear(n_in: int, n_out: int) -> nn.Linear:
-        return nn.utils.skip_init(nn.Linear, n_in, n_out)
-
-    h1, h2 = hidden
-    return nn.Sequential(
-        linear(in_dim, h1), nn.ReLU(), nn.BatchNorm1d(h1, eps=BN_EPS, momentum=BN_MOMENTUM),
-        linear(h1, h2), nn.ReLU(), nn.BatchNorm1d(h2, eps=BN_EPS, momentum=BN_MOMENTUM),
-        linear(h2, num_classes),
-    )
+    layers: list[nn.Module] = []
+    for n_in, n_out in _layer_sizes(in_dim, num_classes, hidden)[:-1]:
+        layers += [nn.utils.skip_init(nn.Linear, n_in, n_out), nn.ReLU(),
+                   nn.BatchNorm1d(n_out, eps=BN_EPS, momentum=BN_MOMENTUM)]
+    return nn.Sequential(*layers, nn.utils.skip_init(nn.Linear, *_layer_sizes(in_dim, num_classes, hidden)[-1]))
 
 
-def _init_member(in_dim: int, num_classes: int, hidden: tuple[int, int], seed: int) -> nn.Sequential:
+def _init_member(in_dim: int, num_classes: int, hidden: Sequence[int], seed: int) -> nn.Sequential:
     """One member as ``nn.Sequential`` with exactly the weights :class:`EnsembleMLP` gives ``seed``."""
     seq = _empty_member(in_dim, num_classes, hidden)
     weights = _draw_linear_weights(_layer_sizes(in_dim, num_classes, hidden), seed)

@@ -11,7 +11,7 @@ The paper does not say how its wider and deeper MLPs were built; the two rules a
 reading. A depth other than two hidden layers needs a probe that builds any number of them
 (:class:`bench.probe.EnsembleMLP`); if it cannot, the variant is refused in one line before any work.
 
-    bench analyze mlp --backbone ddpm --dataset demo --variants original,wider --seeds 0
+    bench analyze mlp --backbone ddpm --dataset demo --variants original,wider,deeper --seeds 0
 
 Writes ``mlp.csv/png`` (mean ± std over seeds per variant, the paper's Table 7 beside ours where it
 applies, see :mod:`bench.analyses._paper`), ``mlp_runs.csv`` (per seed, with the layer sizes of the
@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench.analyses._common import add_run_arguments
 
     add_run_arguments(parser, backbone="ddpm", seeds="0")
-    parser.add_argument("--variants", default="original,wider",
+    parser.add_argument("--variants", default="original,wider,deeper",
                         help="comma list of original, wider, deeper or hidden widths like 64x16 "
-                             "(default original,wider)")
+                             "(default original,wider,deeper)")
 
 
 def hidden_for(variant: str, num_classes: int) -> tuple[int, ...]:
@@ -100,7 +100,7 @@ def check_supported(hidden: tuple[int, ...], num_classes: int, variant: str) -> 
         ok = False
     if not ok:
         raise BenchError(f"--variants {variant}: the probe (bench.probe.EnsembleMLP) cannot build the hidden "
-                         f"widths {list(hidden)}; it builds two hidden layers only")
+                         f"widths {list(hidden)}")
 
 
 def _draw(table: pd.DataFrame, title: str):
