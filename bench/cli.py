@@ -181,8 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in args.backbone.split(","):
         cls, _, extra = resolve_name(name)
         check_kwargs(cls, {**options, **extra, **({"checkpoint": args.weights} if args.weights else {})})
-    if args.weights and not Path(args.weights).is_file():
-        raise BenchError(f"--weights {args.weights}: no such file")
+    if args.weights and not Path(args.weights).exists():  # a file, or a folder (a diffusers model)
+        raise BenchError(f"--weights {args.weights}: no such file or folder")
     check_writable(Path(args.out))
     specs = _run_specs(args)
     from bench.launch import options_from_args
@@ -385,7 +385,6 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="done / running / failed / missing units of batches submitted with --launcher")
     st.add_argument("--out", default="reports", help="results root (default: reports/)")
     st.set_defaults(func=_cmd_status)
-
 
     rep = sub.add_parser("report", help="collate results into the paper's Table 2 shape")
     rep.add_argument("--out", default="reports", help="results root (default: reports/)")
