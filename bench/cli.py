@@ -304,7 +304,7 @@ def _add_analyze_parser(sub: Any, argv: Sequence[str]) -> None:
     from bench.analyses import ANALYSES
 
     an = sub.add_parser("analyze", help="the paper's analyses and figures (bench analyze NAME --help)")
-    which = an.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    which = an.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS", help="which analysis to run")
     wanted = next((a for a in argv if a in ANALYSES), None) if "analyze" in argv else None
     for name, (module, where) in ANALYSES.items():
         one = which.add_parser(name, help=where)

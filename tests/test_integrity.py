@@ -289,6 +289,15 @@ def test_version_and_help_on_every_option(capsys):
     missing = [f"{name} {action.dest}" for name, sub in subparsers.choices.items() for action in sub._actions
                if action.dest != "help" and not action.help]
     assert missing == []
+    from bench.analyses import ANALYSES
+
+    for name in ANALYSES:  # each analysis declares its options only when asked for: walk each one
+        top = build_parser(["analyze", name])
+        analyze = next(a for a in top._actions if a.__class__.__name__ == "_SubParsersAction").choices["analyze"]
+        one = next(a for a in analyze._actions if a.__class__.__name__ == "_SubParsersAction").choices[name]
+        assert len(one._actions) > 1, f"bench analyze {name} declares no options"
+        missing = [f"analyze {name} {a.dest}" for a in one._actions if a.dest != "help" and not a.help]
+        assert missing == []
 
 
 # ---- 20. fp32 feature cache -------------------------------------------------------------------------
