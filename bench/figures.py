@@ -74,3 +74,31 @@ def save_figure(fig: Any, data: pd.DataFrame | None, stem: Path, dpi: int = 120)
     pyplot().close(fig)
     written.append(png)
     return written
+
+
+def paper_bars(table: pd.DataFrame, ticks: list[str], title: str, paper_label: str,
+               paper_errors: bool = True) -> Any:
+    """Bars of our mIoU (``official_mean`` ± ``official_std``) per row, the paper's beside them where known.
+
+    Example:
+        >>> t = pd.DataFrame({"official_mean": [40.0], "official_std": [1.0], "paper_mean": [float("nan")],
+        ...                   "paper_std": [float("nan")]})
+        >>> paper_bars(t, ["a"], "demo", "paper").axes[0].get_title()
+        'demo'
+    """
+    import numpy as np
+
+    fig, ax = new_figure(5.0, 3.6)
+    x = np.arange(len(table))
+    has_paper = table["paper_mean"].notna().any()
+    width = 0.4 if has_paper else 0.6
+    ax.bar(x - (width / 2 if has_paper else 0), table["official_mean"], width, yerr=table["official_std"].fillna(0),
+           capsize=3, label="ours (official mIoU)")
+    if has_paper:
+        errors = dict(yerr=table["paper_std"].fillna(0), capsize=3) if paper_errors else {}
+        ax.bar(x + width / 2, table["paper_mean"], width, label=paper_label, **errors)
+    ax.set_xticks(x, ticks, fontsize=8)
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig

@@ -104,21 +104,10 @@ def check_supported(hidden: tuple[int, ...], num_classes: int, variant: str) -> 
 
 
 def _draw(table: pd.DataFrame, title: str):
-    from bench.figures import new_figure
+    from bench.figures import paper_bars
 
-    fig, ax = new_figure(5.0, 3.6)
-    x = np.arange(len(table))
-    has_paper = table["paper_mean"].notna().any()
-    width = 0.4 if has_paper else 0.6
-    ax.bar(x - (width / 2 if has_paper else 0), table["official_mean"], width, yerr=table["official_std"].fillna(0),
-           capsize=3, label="ours (official mIoU)")
-    if has_paper:
-        ax.bar(x + width / 2, table["paper_mean"], width, label="paper (Table 7)")
-    ax.set_xticks(x, [f"{v}\n{h}" for v, h in zip(table["variant"], table["hidden"])], fontsize=8)
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
+    ticks = [f"{v}\n{h}" for v, h in zip(table["variant"], table["hidden"])]
+    return paper_bars(table, ticks, title, "paper (Table 7)", paper_errors=False)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -67,23 +67,11 @@ def _check_backbone(name: str) -> None:
 
 
 def _draw(table: pd.DataFrame, title: str):
-    from bench.figures import new_figure
+    from bench.figures import paper_bars
 
-    fig, ax = new_figure(5.0, 3.6)
-    x = np.arange(len(table))
-    has_paper = table["paper_mean"].notna().any()
-    width = 0.4 if has_paper else 0.6
-    ax.bar(x - (width / 2 if has_paper else 0), table["official_mean"], width, yerr=table["official_std"].fillna(0),
-           capsize=3, label="ours (official mIoU)")
-    if has_paper:
-        ax.bar(x + width / 2, table["paper_mean"], width, yerr=table["paper_std"].fillna(0), capsize=3,
-               label="paper (Table 5)")
-    ax.set_xticks(x, [f"{m}\n(train/test {a}, steps {b})" for m, a, b in
-                      zip(table["mode"], table["shared_train_test"], table["shared_across_steps"])], fontsize=8)
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
+    ticks = [f"{m}\n(train/test {a}, steps {b})" for m, a, b in
+             zip(table["mode"], table["shared_train_test"], table["shared_across_steps"])]
+    return paper_bars(table, ticks, title, "paper (Table 5)")
 
 
 def main(args: argparse.Namespace) -> int:
