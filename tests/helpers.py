@@ -16,3 +16,20 @@ class WritesMarker:
 
     def __reduce__(self):
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def blobs(n: int, dim: int = 16, classes: int = 3, seed: int = 0,
+          sample_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian blobs around zero-mean centres (drawn from ``seed``; points from ``sample_seed``).
+
+    Separable, and no hidden unit has the same sign over a whole batch: that would make a pre-BN
+    bias gradient pure rounding noise, which Adam turns into full-size random steps.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    if sample_seed is not None:
+        g.manual_seed(sample_seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return centres[labels] + torch.randn(n, dim, generator=g), labels

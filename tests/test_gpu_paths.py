@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import helpers
+
 from bench.probe import EnsembleMLP, TensorPixelSource, TrainConfig, predict_chunked, train_ensemble
 from bench.probe_data import _InlineLoader, _Prefetcher, to_device
 from bench.probe_precision import LowPrecisionFirstLayer
@@ -18,10 +20,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def blobs(n: int = 640, dim: int = 16, classes: int = 3, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, dim, generator=g)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    return centres[labels] + torch.randn(n, dim, generator=g), labels
+    return helpers.blobs(n, dim, classes, seed)
 
 
 # ---- device-agnostic parts, run everywhere --------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
 from bench.errors import BenchError
 from bench.probe import (EnsembleMLP, TensorPixelSource, TrainConfig, config_key_parts, predict_chunked,
                          train_ensemble)
@@ -19,12 +20,7 @@ from bench.probe_precision import LowPrecisionFirstLayer, cpu_has_fast_bf16, res
 
 
 def blobs(n: int, dim: int = 32, classes: int = 4, seed: int = 0, sample_seed: int | None = None):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, dim, generator=g)
-    if sample_seed is not None:
-        g.manual_seed(sample_seed)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    return centres[labels] + torch.randn(n, dim, generator=g), labels
+    return helpers.blobs(n, dim, classes, seed, sample_seed)
 
 
 STAGGERED = TrainConfig(members=3, max_epochs=10, min_epochs=1, patience=3)
