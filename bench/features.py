@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.fingerprint import digest
+from bench.probe_data import take_rows
 
 
 def upsample_concat(maps: Sequence[torch.Tensor], size: int | tuple[int, int]) -> torch.Tensor:
@@ -95,7 +96,7 @@ def sample_maps(maps: Sequence[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor
         rows, weights = neighbours[h, w]
         # One read of the 4 neighbours' rows ([4n, C]) and one weighted sum: few ops per map, which
         # matters because a training step samples every map of every image in its batch.
-        values = m.reshape(h * w, c).index_select(0, rows).view(4, n, c).float()
+        values = take_rows(m.reshape(h * w, c), rows).view(4, n, c).float()
         out[:, offset : offset + c] = (values * weights).sum(0)
         offset += c
     return out
@@ -377,7 +378,7 @@ class DensePixels:
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """int64 ``[n]`` pixel indices -> float32 ``[n, dim]`` features."""
-        return self._feats.index_select(0, index)  # same rows as ``[index]``, ~4x faster at 864 features
+        return take_rows(self._feats, index)  # same rows as ``[index]``, ~4x faster at 864 features
 
 
 def dense_bytes(num_pixels: int, dim: int) -> int:

@@ -242,8 +242,12 @@ class _ActiveMembers:
     def retire(self, rows: list[int]) -> list[int]:
         """Write ``rows`` back to the ensemble, drop them; returns the kept row indices."""
         retired = [self.members[r] for r in rows]
+        # row by row into the ensemble's own storage: `ens[list] = value[list]` gathers into a new
+        # tensor first, and that allocation (43 MB at 8448 features) cost up to ~0.2 s of page faults
         for name, value in [*self.params.items(), *self.buffers.items()]:
-            getattr(self.ensemble, name)[retired] = value[rows]
+            target = getattr(self.ensemble, name)
+            for row, member in zip(rows, retired):
+                target[member].copy_(value[row])
         keep = [r for r in range(len(self.members)) if r not in rows]
         self.members = [self.members[r] for r in keep]
         if keep and rows:

@@ -60,7 +60,7 @@ class TensorPixelSource:
 
     def gather(self, index: Tensor) -> Tensor:
         """float32 features of the pixels in ``index`` (int64 ``[n]``), in that order."""
-        return self.features.index_select(0, index).float()
+        return take_rows(self.features, index).float()
 
     def gather_as(self, index: Tensor, dtype: torch.dtype) -> Tensor:
         """The same rows in ``dtype``, converted from the stored dtype without a float32 copy when possible.
@@ -71,7 +71,30 @@ class TensorPixelSource:
             >>> src.gather_as(torch.tensor([1]), torch.bfloat16)
             tensor([[3., 4.]], dtype=torch.bfloat16)
         """
-        return convert_rows(self.features.index_select(0, index), dtype)
+        return convert_rows(take_rows(self.features, index), dtype)
+
+
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def take_rows(table: Tensor, index: Tensor) -> Tensor:
+    """``table.index_select(0, index)`` for a ``[n, d]`` CPU table, bit for bit, as a plain copy of rows.
+
+    torch's CPU ``index_select`` is fast for integer tensors and slow for float ones: measured on
+    this 2-core box, 640 rows of 8448 fp16 features took 6.6 ms against 0.7 ms through an int16
+    view of the same bytes (fp32: 5.6 ms against ~1.5 ms). Reading the rows through an integer view
+    of equal width moves the same bytes, so the result is identical.
+
+    Example:
+        >>> import torch
+        >>> t = torch.tensor([[1.5, 2.0], [3.0, -0.25]]).half()
+        >>> take_rows(t, torch.tensor([1, 0, 1])).tolist()
+        [[3.0, -0.25], [1.5, 2.0], [3.0, -0.25]]
+    """
+    as_int = _SAME_WIDTH_INT.get(table.element_size())
+    if as_int is None or not table.is_floating_point() or table.device.type != "cpu" or not table.is_contiguous():
+        return table.index_select(0, index)
+    return table.view(as_int).index_select(0, index).view(table.dtype)
 
 
 def convert_rows(rows: Tensor, dtype: torch.dtype) -> Tensor:

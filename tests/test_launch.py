@@ -222,3 +222,47 @@ def test_bench_synth_through_the_local_executor_from_a_released_set(tmp_path, ca
     assert main(args) == 0  # nothing left to do: no second job, no second batch
     assert "1 units: 0 to submit, 1 skipped (1 done, 0 running)" in capsys.readouterr().err
     assert len(_manifests(out)) == 1
+
+
+def _sweep_argv(out: Path, *extra: str) -> list[str]:
+    return ["analyze", "sweep", "--backbone", "ddpm", "--dataset", "demo", "--blocks", "6,8", "--steps", "50",
+            "--seeds", "0", "--members", "2", "--max-train", "2", "--max-test", "2", "--max-steps", "20",
+            "--out", str(out), "--device", "cpu", "--no-progress", *extra]
+
+
+def test_sweep_cells_fan_out_as_jobs_and_a_rerun_submits_only_a_missing_cell(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    inproc = tmp_path / "inprocess"
+    assert main(_sweep_argv(inproc)) == 0
+    want = pd.read_csv(inproc / "analyses/demo/sweep/cells.csv").sort_values("block").reset_index(drop=True)
+
+    out = tmp_path / "reports"
+    argv = _sweep_argv(out, "--launcher", "local", "--array-parallelism", "2")
+    assert main(argv) == 0
+    [batch] = _manifests(out)
+    cells = ["analyses/demo/sweep/cells/seed0/t50.b6.json", "analyses/demo/sweep/cells/seed0/t50.b8.json"]
+    assert sorted(o for u in batch["units"] for o in u["outputs"]) == cells
+    assert [u["unit"] for u in batch["units"]] == ["sweep/demo/seed0/t50.b6", "sweep/demo/seed0/t50.b8"]
+    got = pd.read_csv(out / "analyses/demo/sweep/cells.csv").sort_values("block").reset_index(drop=True)
+    # the jobs' cells are the in-process cells: same keys (what produced them), same numbers
+    assert got["miou"].tolist() == want["miou"].tolist() and (out / "analyses/demo/sweep/sweep.png").exists()
+    keys = {c: json.loads((out / c).read_text())["key"] for c in cells}
+    assert keys == {c: json.loads((inproc / c).read_text())["key"] for c in cells}
+
+    (out / cells[1]).unlink()
+    kept = (out / cells[0]).stat().st_mtime_ns
+    assert main(argv) == 0
+    second = _manifests(out)[1]
+    assert [u["unit"] for u in second["units"]] == ["sweep/demo/seed0/t50.b8"]
+    assert second["skipped"] == {"sweep/demo/seed0/t50.b6": "done"}
+    assert (out / cells[0]).stat().st_mtime_ns == kept and json.loads((out / cells[1]).read_text())["key"] == keys[cells[1]]
+
+    # on slurm the command submits and returns; the figures wait for a re-run with nothing missing
+    _fake_slurm(tmp_path, monkeypatch)
+    (out / cells[0]).unlink()
+    (out / "analyses/demo/sweep/cells.csv").unlink()
+    assert main(_sweep_argv(out, "--launcher", "slurm")) == 0
+    assert [u["unit"] for u in _manifests(out)[2]["units"]] == ["sweep/demo/seed0/t50.b6"]
+    assert not (out / "analyses/demo/sweep/cells.csv").exists()
+    assert "re-run this command" in capsys.readouterr().err

@@ -294,3 +294,19 @@ def test_progress_off_a_terminal_is_one_status_line_not_a_bar(capsys, monkeypatc
     assert "\r" not in err
     [line] = err.splitlines()
     assert re.fullmatch(r"probe epoch 1, 2/2 members: 10/10 step, \d+ s", line), line
+
+
+def test_take_rows_is_index_select_bit_for_bit():
+    from bench.probe_data import take_rows
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 37, generator=g)
+    base[3, 5], base[7, 1] = float("nan"), float("-inf")
+    index = torch.randint(0, 50, (23,), generator=g)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        table = base.to(dtype)
+        got, want = take_rows(table, index), table.index_select(0, index)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))  # NaN payloads too
+    strided = base.t().contiguous().t()  # not contiguous: the plain index_select path
+    assert torch.equal(take_rows(strided, index), base.index_select(0, index))

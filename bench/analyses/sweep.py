@@ -55,9 +55,12 @@ def _int_list(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``bench analyze sweep`` options: the run options plus ``--blocks`` and ``--steps``."""
+    from bench.launch import add_arguments as add_launcher_arguments
+
     add_run_arguments(parser, backbone="ddpm")
     parser.add_argument("--blocks", type=_int_list, default=[5, 6, 7, 8, 12], help="decoder blocks (default 5,6,7,8,12)")
     parser.add_argument("--steps", type=_int_list, default=[50, 150, 250], help="noise steps (default 50,150,250)")
+    add_launcher_arguments(parser)  # --launcher local|slurm: one job per cell, after one extraction per seed
 
 
 def class_areas(prep: Any) -> pd.DataFrame:
@@ -95,19 +98,37 @@ def group_miou(per_class: dict, areas: pd.DataFrame, group: str) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-def _cell(prep: Any, args: argparse.Namespace, folder: Path, areas: pd.DataFrame, block: int, step: int) -> dict:
-    """Train and score the probe of one (block, step) map, or reuse the stored cell of the same key."""
+def _cell_key(prep: Any, args: argparse.Namespace, name: str) -> str:
+    """Everything that produced a cell: the run key (data, split, weights, features), the map, the probe."""
     from bench.fingerprint import digest
-    from bench.results import write_json_atomic
 
-    name = f"t{step}.b{block}"
-    config = probe_config(prep, **probe_overrides(args))
-    key = digest({"run_key": prep.plan.run_key, "map": name, "probe": repr(config)})
-    path = folder / "cells" / f"seed{prep.plan.spec.seed}" / f"{name}.json"
+    return digest({"run_key": prep.plan.run_key, "map": name, "probe": repr(probe_config(prep, **probe_overrides(args)))})
+
+
+def _cell_output(seed: int, block: int, step: int) -> str:
+    """A cell's file, relative to the sweep folder."""
+    return f"cells/seed{seed}/t{step}.b{block}.json"
+
+
+def _stored_cell(path: Path, key: str) -> dict | None:
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("key") == key:
             return old
+    return None
+
+
+def _cell(prep: Any, args: argparse.Namespace, folder: Path, areas: pd.DataFrame, block: int, step: int) -> dict:
+    """Train and score the probe of one (block, step) map, or reuse the stored cell of the same key."""
+    from bench.results import write_json_atomic
+
+    name = f"t{step}.b{block}"
+    config = probe_config(prep, **probe_overrides(args))
+    key = _cell_key(prep, args, name)
+    path = folder / _cell_output(prep.plan.spec.seed, block, step)
+    old = _stored_cell(path, key)
+    if old is not None:
+        return old
     view = select_maps(prep.store, map_indices(prep.feature_names, [name]))
     t0 = time.time()
     trained = train_probe(prep, view, config)
@@ -182,11 +203,67 @@ def redraw(folder: Path) -> list[Path]:
     return written
 
 
+def cell_unit(args: argparse.Namespace, seed: int, block: int, step: int) -> dict:
+    """One cell as a launcher job: plan the seed's run (its features are in the cache), probe, store.
+
+    Returns ``{output: key}`` for ``bench status``; the output path is relative to ``args.out``.
+    """
+    from bench.cards import get_card
+
+    folder = output_folder(args.out, get_card(args.dataset).name, NAME)
+    prep = prepare(spec_from_args(args, seed, blocks=args.blocks, steps=args.steps))
+    cell = _cell(prep, args, folder, class_areas(prep), block, step)
+    return {str((folder / _cell_output(seed, block, step)).relative_to(Path(args.out))): cell["key"]}
+
+
+def _launch_cells(args: argparse.Namespace, launch: Any) -> bool:
+    """Extract each seed's features here (once), then submit the missing cells as one job array.
+
+    Returns True when every cell is done (the local launcher waits for its jobs; on slurm, when a
+    re-run finds nothing missing), so the caller goes on to draw the figures.
+    """
+    import os
+    from dataclasses import replace
+
+    from bench.cards import get_card
+    from bench.launch import Unit, submit
+    from bench.parallel import auto_jobs
+
+    args = argparse.Namespace(**{**vars(args), "out": str(Path(args.out).resolve()), "no_progress": True})
+    folder = output_folder(args.out, get_card(args.dataset).name, NAME)
+    units = []
+    for seed in args.seeds:
+        prep = prepare(spec_from_args(args, seed, blocks=args.blocks, steps=args.steps))
+        print(f"seed {seed}: features ready ({prep.extracted} images extracted now, {prep.seconds:.1f} s)",
+              file=sys.stderr, flush=True)
+        for step in prep.plan.backbone_config.get("steps", args.steps):
+            for block in prep.plan.backbone_config.get("blocks", args.blocks):
+                rel = _cell_output(seed, block, step)
+                key = _cell_key(prep, args, f"t{step}.b{block}")
+                output = str((folder / rel).relative_to(Path(args.out)))
+                units.append(Unit(name=f"sweep/{prep.plan.card.name}/{rel[len('cells/'):-len('.json')]}",
+                                  fn=cell_unit, args=(args, seed, block, step), outputs=[output],
+                                  is_current=lambda p=folder / rel, k=key: _stored_cell(p, k) is not None))
+    if launch.launcher == "local" and launch.array_parallelism is None:
+        launch = replace(launch, array_parallelism=auto_jobs(len(units), args.device, args.max_memory))
+    threads = max(1, (os.cpu_count() or 1) // launch.array_parallelism) if launch.launcher == "local" else None
+    manifest = submit(units, Path(args.out), launch, command=" ".join(sys.argv), threads=threads)
+    if launch.launcher == "slurm" and manifest["units"]:
+        print(f"{len(manifest['units'])} cells submitted; when `bench status --out {args.out}` shows them done, "
+              f"re-run this command to draw the heat-maps (nothing is submitted again)", file=sys.stderr)
+        return False
+    return True
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the sweep for every seed, then write the CSVs, heat-maps and meta.json."""
     from bench.cards import get_card
     from bench.figures import save_figure
+    from bench.launch import options_from_args
 
+    launch = options_from_args(args) if hasattr(args, "launcher") else None
+    if launch is not None and launch.launcher != "inprocess" and not _launch_cells(args, launch):
+        return 0
     card = get_card(args.dataset)
     folder = output_folder(args.out, card.name, NAME)
     cells, areas_all, seeds_meta = [], [], []
