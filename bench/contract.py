@@ -199,8 +199,28 @@ class Backbone:
         """
         import torch
 
+        images = images_to_device(images, self.device)
         with torch.inference_mode():
             return self.forward_features(self.preprocess(images))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, tag={self.tag!r}, features={self.num_features})"
+
+
+def images_to_device(images: "torch.Tensor", device: str) -> "torch.Tensor":
+    """The uint8 batch on ``device`` before ``preprocess``: on CUDA through pinned memory, non-blocking.
+
+    The images cross the bus as uint8 (a quarter of float32's bytes) and the copy is queued behind
+    the previous batch's work instead of stalling it; every plugin's own ``.to(self.device)`` is then
+    a no-op. Elsewhere the batch is returned as it is.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+        >>> images_to_device(x, "cpu") is x
+        True
+    """
+    if not str(device).startswith("cuda") or images.device.type != "cpu":
+        return images
+    return images.pin_memory().to(device, non_blocking=True)
+

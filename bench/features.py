@@ -159,7 +159,8 @@ class FeatureStore:
         tmp = _atomic_dir(final)
         try:
             for i, m in enumerate(maps):
-                arr = m.detach().to("cpu", self.dtype).permute(1, 2, 0).contiguous().numpy()
+                # cast where the map is (on a GPU: half the bytes to copy back), then to the host
+                arr = m.detach().to(self.dtype).to("cpu").permute(1, 2, 0).contiguous().numpy()
                 np.save(tmp / f"m{i}.npy", arr)
             (tmp / "done").write_text(image_id)
             if final.exists():  # a concurrent writer finished first: keep theirs

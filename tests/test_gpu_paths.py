@@ -127,3 +127,31 @@ def test_ddpm_fp16_extraction_on_cuda_is_close_to_fp32():
         assert a.device.type == "cuda" and b.dtype == torch.float32  # captured fp16, handed on as float32
         scale = a.abs().max().clamp_min(1.0)
         assert (a - b).abs().max() / scale < 0.05
+
+
+def test_images_stay_put_off_cuda():
+    from bench.contract import images_to_device
+
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    assert images_to_device(images, "cpu") is images and images_to_device(images, "mps") is images
+
+
+@needs_cuda
+def test_extraction_sends_uint8_images_pinned_and_non_blocking(monkeypatch):
+    import bench
+    from bench import contract
+
+    sent = []
+    original = contract.images_to_device
+
+    def spy(images, device):
+        moved = original(images, device)
+        sent.append((images.dtype, moved.device.type))
+        return moved
+
+    monkeypatch.setattr(contract, "images_to_device", spy)
+    backbone = bench.create_backbone("pixels", device="cuda")
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    maps = backbone.extract(images)
+    assert sent == [(torch.uint8, "cuda")] and maps[0].device.type == "cuda"
+    torch.testing.assert_close(maps[0].cpu(), bench.create_backbone("pixels").extract(images)[0])
