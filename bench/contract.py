@@ -75,10 +75,14 @@ def validate_indices(values: Any, *, limit: int, owner: str, what: str = "blocks
     Example:
         >>> validate_indices([12, 5], limit=18, owner="ddpm")
         [12, 5]
+        >>> validate_indices(6, limit=18, owner="ddpm")  # one index, as `--set blocks=6` gives it
+        [6]
         >>> validate_indices([18], limit=18, owner="ddpm")
         Traceback (most recent call last):
         bench.errors.BenchError: ddpm block 18 is out of range; valid blocks are 0..17
     """
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = [values]
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
         raise BenchError(f"{owner} {what} must be a non-empty list of integers, got {values!r}")
     item = item or what[:-1]  # "blocks" -> "block"
