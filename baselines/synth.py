@@ -224,8 +224,10 @@ def synthesize(spec: SynthSpec) -> SynthSet:
                 timing["label_s"] += time.perf_counter() - t
                 bar.update(count)
             t = time.perf_counter()
+            # the thread count goes with the shard: float sums, and so a few labels, depend on it
+            # (a resume with another count is valid, and each shard says what made it)
             shards.write(start, np.concatenate(images), np.stack(labels), np.asarray(scores, np.float32),
-                         meta={"set": key})
+                         meta={"set": key, "torch_threads": torch.get_num_threads()})
             timing["write_s"] += time.perf_counter() - t
             timing["samples"] += spec.shard_size
     result.seconds = time.time() - t0  # type: ignore[attr-defined]

@@ -54,6 +54,10 @@ def test_datasetddpm_end_to_end_with_deeplab_and_the_report(tmp_path):
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and label.max() < 9
     assert s.scores().shape == (4,) and np.all(s.scores() >= 0)
     assert s.identity["source"]["sampler"] == {"kind": "ancestral", "steps": 2, "eta": 0.0, "clip_denoised": True}
+    from safetensors import safe_open
+
+    with safe_open(str(s.shards.path(2)), framework="np") as f:  # labels' bits depend on the thread count
+        assert json.loads(f.metadata()["bench"])["torch_threads"] == torch.get_num_threads()
     # a larger set with the same key extends this one: its first shards are reused, not redrawn
     bigger = synthesize(_ddpm_spec(data, tmp_path, num=6))
     assert bigger.key == s.key and bigger.shards.path(0) == s.shards.path(0)
