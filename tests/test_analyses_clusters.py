@@ -71,3 +71,26 @@ def test_clusters_command_writes_maps_and_consistent_counts(tmp_path):
     assert meta["k"] == 4 and meta["init"] == "k-means++" and len(meta["images"]) == 2
     (folder / "clusters.png").unlink()
     assert clusters.redraw(folder)[-1].name == "clusters.png" and (folder / "clusters.png").exists()
+
+
+def test_a_second_clusters_run_reads_the_cached_features(tmp_path, monkeypatch):
+    from backbones.ddpm import DDPM
+
+    seen: list[int] = []
+    original = DDPM.forward_features
+
+    def counting(self, x):
+        seen.append(int(x.shape[0]))
+        return original(self, x)
+
+    monkeypatch.setattr(DDPM, "forward_features", counting)
+    argv = ["analyze", "clusters", "--dataset", "demo", "--blocks", "8", "--steps", "50", "--k", "3", "--images", "2",
+            "--max-train", "1", "--max-test", "2", "--max-pixels", "3000", "--out", str(tmp_path), "--device", "cpu",
+            "--no-progress"]
+    assert clusters.main(build_parser(argv).parse_args(argv)) == 0
+    first = np.load(tmp_path / "analyses" / "demo" / "clusters" / "clusters.npz")["maps"]
+    assert sum(seen) > 0
+    seen.clear()
+    assert clusters.main(build_parser(argv).parse_args(argv)) == 0
+    assert seen == []  # nothing went through the UNet again
+    assert np.array_equal(np.load(tmp_path / "analyses" / "demo" / "clusters" / "clusters.npz")["maps"], first)

@@ -88,3 +88,27 @@ def test_run_option_and_analyze_masks_equal_the_run(tmp_path):
                          members=2))
     assert meta["run_key"] == result["run_key"]
     assert meta["miou"]["official"] == pytest.approx(result["miou"]["official"], abs=1e-12)
+
+
+def test_a_second_masks_run_reads_the_cached_features(tmp_path, monkeypatch):
+    from backbones.pixels import Pixels
+    from bench.cli import build_parser
+
+    seen: list[int] = []
+    original = Pixels.forward_features
+
+    def counting(self, x):
+        seen.append(int(x.shape[0]))
+        return original(self, x)
+
+    monkeypatch.setattr(Pixels, "forward_features", counting)
+    argv = ["analyze", "masks", "--backbone", "pixels", "--dataset", "demo", "--seeds", "0", "--members", "2",
+            "--max-train", "2", "--max-test", "2", "--images", "2", "--out", str(tmp_path), "--device", "cpu",
+            "--no-progress"]
+    assert masks.main(build_parser(argv).parse_args(argv)) == 0
+    meta = tmp_path / "analyses/demo/masks/pixels/seed0/meta.json"
+    first = json.loads(meta.read_text())["miou"]
+    assert sum(seen) == 4  # 2 train + 2 test images
+    seen.clear()
+    assert masks.main(build_parser(argv).parse_args(argv)) == 0
+    assert seen == [] and json.loads(meta.read_text())["miou"] == first
