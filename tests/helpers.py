@@ -33,3 +33,19 @@ def blobs(n: int, dim: int = 16, classes: int = 3, seed: int = 0,
         g.manual_seed(sample_seed)
     labels = torch.randint(0, classes, (n,), generator=g)
     return centres[labels] + torch.randn(n, dim, generator=g), labels
+
+
+def count_images_through(monkeypatch, backbone_class) -> list[int]:
+    """Patch ``backbone_class.forward_features`` to record each batch's size; returns the (live) list.
+
+    An empty list after a call means nothing went through the model: the features came from the cache.
+    """
+    seen: list[int] = []
+    original = backbone_class.forward_features
+
+    def counting(self, x):
+        seen.append(int(x.shape[0]))
+        return original(self, x)
+
+    monkeypatch.setattr(backbone_class, "forward_features", counting)
+    return seen

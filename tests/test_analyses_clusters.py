@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
+import helpers
 import torch
 
 from bench.analyses import clusters
@@ -76,14 +78,7 @@ def test_clusters_command_writes_maps_and_consistent_counts(tmp_path):
 def test_a_second_clusters_run_reads_the_cached_features(tmp_path, monkeypatch):
     from backbones.ddpm import DDPM
 
-    seen: list[int] = []
-    original = DDPM.forward_features
-
-    def counting(self, x):
-        seen.append(int(x.shape[0]))
-        return original(self, x)
-
-    monkeypatch.setattr(DDPM, "forward_features", counting)
+    seen = helpers.count_images_through(monkeypatch, DDPM)
     argv = ["analyze", "clusters", "--dataset", "demo", "--blocks", "8", "--steps", "50", "--k", "3", "--images", "2",
             "--max-train", "1", "--max-test", "2", "--max-pixels", "3000", "--out", str(tmp_path), "--device", "cpu",
             "--no-progress"]

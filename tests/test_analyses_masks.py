@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import helpers
+
 from bench import demo, metrics
 from bench.analyses import masks
 from bench.cards import get_card
@@ -94,14 +96,7 @@ def test_a_second_masks_run_reads_the_cached_features(tmp_path, monkeypatch):
     from backbones.pixels import Pixels
     from bench.cli import build_parser
 
-    seen: list[int] = []
-    original = Pixels.forward_features
-
-    def counting(self, x):
-        seen.append(int(x.shape[0]))
-        return original(self, x)
-
-    monkeypatch.setattr(Pixels, "forward_features", counting)
+    seen = helpers.count_images_through(monkeypatch, Pixels)
     argv = ["analyze", "masks", "--backbone", "pixels", "--dataset", "demo", "--seeds", "0", "--members", "2",
             "--max-train", "2", "--max-test", "2", "--images", "2", "--out", str(tmp_path), "--device", "cpu",
             "--no-progress"]

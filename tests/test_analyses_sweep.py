@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+import helpers
 from bench import features
 from bench.analyses import _common, sweep
 from bench.cli import build_parser
@@ -29,15 +30,7 @@ def forward_calls(monkeypatch):
     """Counts the images that go through the DDPM's forward pass (every extraction, whoever asks)."""
     from backbones.ddpm import DDPM
 
-    seen = []
-    original = DDPM.forward_features
-
-    def counting(self, x):
-        seen.append(int(x.shape[0]))
-        return original(self, x)
-
-    monkeypatch.setattr(DDPM, "forward_features", counting)
-    return seen
+    return helpers.count_images_through(monkeypatch, DDPM)
 
 
 def test_sweep_extracts_once_trains_one_probe_per_cell_and_reuses_the_cache(tmp_path, forward_calls):
