@@ -207,7 +207,7 @@ def _absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
 def _launched(args: argparse.Namespace, launch) -> int:
     """``bench synth --launcher local|slurm``: one job per split seed, writing into the same results tree."""
     from bench import report
-    from bench.launch import Unit, submit
+    from bench.launch import Unit, local_width, submit
 
     plan = _plan(args, resolve=False)
     job_args = _absolute_paths(args)
@@ -217,13 +217,7 @@ def _launched(args: argparse.Namespace, launch) -> int:
         outputs = list(_outputs(args, plan, seed).values())
         name = f"synth/{plan['card'].name}/{plan['label']}/seed{seed}"
         units.append(Unit(name=name, fn=run_seed, args=(job_args, seed), outputs=outputs))
-    threads = None
-    if launch.launcher == "local":  # a seed is heavy (a generator sampling): one at a time unless asked
-        import os
-        from dataclasses import replace
-
-        launch = replace(launch, array_parallelism=launch.array_parallelism or 1)
-        threads = max(1, (os.cpu_count() or 1) // launch.array_parallelism)
+    launch, threads = local_width(launch, 1)  # a seed is heavy (a generator sampling): one at a time unless asked
     submit(units, Path(args.out), launch, command=" ".join(sys.argv), overwrite=args.overwrite, threads=threads)
     if launch.launcher == "local" and args.train != "none":
         print(report.render(Path(args.out), "md"))

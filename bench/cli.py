@@ -211,16 +211,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_launched(args: argparse.Namespace, specs: list, launch: Any) -> int:
     """``bench run --launcher local|slurm``: the runs as submitit jobs writing into the same results tree."""
-    import os
-    from dataclasses import replace as _replace
-
     from bench import report
-    from bench.launch import run_units, submit
+    from bench.launch import local_width, run_units, submit
     from bench.parallel import auto_jobs
 
-    if launch.launcher == "local" and launch.array_parallelism is None:
-        launch = _replace(launch, array_parallelism=auto_jobs(len(specs), args.device, args.max_memory))
-    threads = max(1, (os.cpu_count() or 1) // launch.array_parallelism) if launch.launcher == "local" else None
+    launch, threads = local_width(launch, auto_jobs(len(specs), args.device, args.max_memory))
     submit(run_units(specs, Path(args.out)), Path(args.out), launch, command=" ".join(sys.argv),
            threads=threads, overwrite=args.overwrite)
     if launch.launcher == "local":

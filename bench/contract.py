@@ -227,4 +227,3 @@ def images_to_device(images: "torch.Tensor", device: str) -> "torch.Tensor":
     if not str(device).startswith("cuda") or images.device.type != "cpu":
         return images
     return images.pin_memory().to(device, non_blocking=True)
-

@@ -168,6 +168,23 @@ def import_submitit() -> Any:
     return submitit
 
 
+def local_width(opts: LaunchOptions, default: int) -> tuple[LaunchOptions, int | None]:
+    """The local launcher's units at once (``default`` unless set) and torch threads per unit.
+
+    The cores are shared out between the units running together; on other launchers the scheduler
+    gives each job its CPUs, so the thread count is left alone (None).
+
+    Example:
+        >>> opts, threads = local_width(LaunchOptions("local"), default=2)
+        >>> opts.array_parallelism, threads == max(1, (os.cpu_count() or 1) // 2)
+        (2, True)
+    """
+    if opts.launcher != "local":
+        return opts, None
+    opts = replace(opts, array_parallelism=opts.array_parallelism or default)
+    return opts, max(1, (os.cpu_count() or 1) // opts.array_parallelism)
+
+
 def make_executor(opts: LaunchOptions, folder: Path, units: int):
     """A submitit executor for ``opts.launcher`` (local or slurm) with the job parameters set.
 

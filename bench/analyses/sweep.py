@@ -98,11 +98,11 @@ def group_miou(per_class: dict, areas: pd.DataFrame, group: str) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-def _cell_key(prep: Any, args: argparse.Namespace, name: str) -> str:
+def _cell_key(prep: Any, name: str, config: Any) -> str:
     """Everything that produced a cell: the run key (data, split, weights, features), the map, the probe."""
     from bench.fingerprint import digest
 
-    return digest({"run_key": prep.plan.run_key, "map": name, "probe": repr(probe_config(prep, **probe_overrides(args)))})
+    return digest({"run_key": prep.plan.run_key, "map": name, "probe": repr(config)})
 
 
 def _cell_output(seed: int, block: int, step: int) -> str:
@@ -124,7 +124,7 @@ def _cell(prep: Any, args: argparse.Namespace, folder: Path, areas: pd.DataFrame
 
     name = f"t{step}.b{block}"
     config = probe_config(prep, **probe_overrides(args))
-    key = _cell_key(prep, args, name)
+    key = _cell_key(prep, name, config)
     path = folder / _cell_output(prep.plan.spec.seed, block, step)
     old = _stored_cell(path, key)
     if old is not None:
@@ -216,43 +216,37 @@ def cell_unit(args: argparse.Namespace, seed: int, block: int, step: int) -> dic
     return {str((folder / _cell_output(seed, block, step)).relative_to(Path(args.out))): cell["key"]}
 
 
-def _launch_cells(args: argparse.Namespace, launch: Any) -> bool:
+def _launch_cells(args: argparse.Namespace, launch: Any) -> dict[int, Any] | None:
     """Extract each seed's features here (once), then submit the missing cells as one job array.
 
-    Returns True when every cell is done (the local launcher waits for its jobs; on slurm, when a
-    re-run finds nothing missing), so the caller goes on to draw the figures.
+    ``args.out`` must be absolute (a job may start elsewhere). Returns each seed's preparation when
+    every cell is done (the local launcher waits for its jobs; on slurm, when a re-run finds nothing
+    missing), so the caller draws the figures from it; None while jobs are still to run.
     """
-    import os
-    from dataclasses import replace
-
     from bench.cards import get_card
-    from bench.launch import Unit, submit
+    from bench.launch import Unit, local_width, submit
     from bench.parallel import auto_jobs
 
-    args = argparse.Namespace(**{**vars(args), "out": str(Path(args.out).resolve()), "no_progress": True})
-    folder = output_folder(args.out, get_card(args.dataset).name, NAME)
-    units = []
+    card = get_card(args.dataset)
+    folder = output_folder(args.out, card.name, NAME)
+    preps, units = {}, []
+    job_args = argparse.Namespace(**{**vars(args), "no_progress": True})  # jobs' logs are files, not terminals
     for seed in args.seeds:
-        prep = prepare(spec_from_args(args, seed, blocks=args.blocks, steps=args.steps))
-        print(f"seed {seed}: features ready ({prep.extracted} images extracted now, {prep.seconds:.1f} s)",
-              file=sys.stderr, flush=True)
+        prep = preps[seed] = prepare(spec_from_args(args, seed, blocks=args.blocks, steps=args.steps))
+        config = probe_config(prep, **probe_overrides(args))
         for step in prep.plan.backbone_config.get("steps", args.steps):
             for block in prep.plan.backbone_config.get("blocks", args.blocks):
-                rel = _cell_output(seed, block, step)
-                key = _cell_key(prep, args, f"t{step}.b{block}")
-                output = str((folder / rel).relative_to(Path(args.out)))
-                units.append(Unit(name=f"sweep/{prep.plan.card.name}/{rel[len('cells/'):-len('.json')]}",
-                                  fn=cell_unit, args=(args, seed, block, step), outputs=[output],
-                                  is_current=lambda p=folder / rel, k=key: _stored_cell(p, k) is not None))
-    if launch.launcher == "local" and launch.array_parallelism is None:
-        launch = replace(launch, array_parallelism=auto_jobs(len(units), args.device, args.max_memory))
-    threads = max(1, (os.cpu_count() or 1) // launch.array_parallelism) if launch.launcher == "local" else None
+                path, key = folder / _cell_output(seed, block, step), _cell_key(prep, f"t{step}.b{block}", config)
+                units.append(Unit(name=f"sweep/{card.name}/seed{seed}/t{step}.b{block}", fn=cell_unit,
+                                  args=(job_args, seed, block, step), outputs=[str(path.relative_to(Path(args.out)))],
+                                  is_current=lambda p=path, k=key: _stored_cell(p, k) is not None))
+    launch, threads = local_width(launch, auto_jobs(len(units), args.device, args.max_memory))
     manifest = submit(units, Path(args.out), launch, command=" ".join(sys.argv), threads=threads)
     if launch.launcher == "slurm" and manifest["units"]:
         print(f"{len(manifest['units'])} cells submitted; when `bench status --out {args.out}` shows them done, "
               f"re-run this command to draw the heat-maps (nothing is submitted again)", file=sys.stderr)
-        return False
-    return True
+        return None
+    return preps
 
 
 def main(args: argparse.Namespace) -> int:
@@ -262,14 +256,19 @@ def main(args: argparse.Namespace) -> int:
     from bench.launch import options_from_args
 
     launch = options_from_args(args) if hasattr(args, "launcher") else None
-    if launch is not None and launch.launcher != "inprocess" and not _launch_cells(args, launch):
-        return 0
+    preps: dict[int, Any] = {}
+    if launch is not None and launch.launcher != "inprocess":
+        args = argparse.Namespace(**{**vars(args), "out": str(Path(args.out).resolve())})
+        launched = _launch_cells(args, launch)
+        if launched is None:
+            return 0
+        preps = launched
     card = get_card(args.dataset)
     folder = output_folder(args.out, card.name, NAME)
     cells, areas_all, seeds_meta = [], [], []
     total = len(args.seeds) * len(args.blocks) * len(args.steps)
     for seed in args.seeds:
-        prep = prepare(spec_from_args(args, seed, blocks=args.blocks, steps=args.steps))
+        prep = preps.get(seed) or prepare(spec_from_args(args, seed, blocks=args.blocks, steps=args.steps))
         print(f"seed {seed}: features of {len(prep.plan.train) + len(prep.plan.test)} images ready "
               f"({prep.extracted} extracted now, {prep.seconds:.1f} s)", file=sys.stderr, flush=True)
         areas = class_areas(prep)
