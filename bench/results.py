@@ -153,7 +153,9 @@ class PeakMemory:
 
     On Linux, writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's resident high-water
     mark (``VmHWM``) to the current RSS, so a second run in one command does not report the first
-    one's peak. Elsewhere the process peak (``ru_maxrss``) is all there is, and ``method`` says so.
+    one's peak. Where that reset is missing or ignored, or the mark does not follow new pages (probed
+    once per process), the process peak (``ru_maxrss``) is all there is, and ``method`` says so.
+    Either is resident memory: pages the allocator reuses from an earlier run do not raise it.
     The CUDA peak is reset with ``torch.cuda.reset_peak_memory_stats``.
 
     Example:
@@ -167,12 +169,7 @@ class PeakMemory:
         self.device, self.rss_bytes, self.gpu_bytes, self.method = device, 0, 0, "process ru_maxrss"
 
     def __enter__(self) -> "PeakMemory":
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-        if _reset_took_effect():
+        if _hwm_is_live() and _reset_hwm() and _reset_took_effect():
             self.method = "VmHWM since run start"
         if self.device.startswith("cuda"):
             import torch
@@ -207,6 +204,49 @@ def _status_kib(field: str) -> int | None:
 
 def _vm_hwm() -> int | None:
     return _status_kib("VmHWM")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+_HWM_LIVE: list[bool] = []  # filled once per process by _hwm_is_live
+
+
+def _hwm_is_live() -> bool:
+    """Whether this kernel's high-water mark can be reset and then follows new pages; probed once.
+
+    Touches 64 MiB of fresh anonymous pages (not the allocator's, which may hand back pages that are
+    already resident) between two resets, and wants the mark to rise by them and to fall back after.
+    Costs ~20 ms once per process. Two CI failures taught this: a mark that looked reset there did
+    not report a later 400 MiB allocation.
+    """
+    if not _HWM_LIVE:
+        _HWM_LIVE.append(_probe_hwm())
+    return _HWM_LIVE[0]
+
+
+def _probe_hwm(nbytes: int = 64 * 2**20) -> bool:
+    import mmap
+
+    if not (_reset_hwm() and _reset_took_effect()):
+        return False
+    before = _status_kib("VmRSS")
+    try:
+        with mmap.mmap(-1, nbytes) as m:
+            for at in range(0, nbytes, mmap.PAGESIZE):
+                m[at] = 1
+            risen = _vm_hwm()
+    except (OSError, ValueError):
+        return False
+    if before is None or risen is None or risen - before < nbytes * 7 // 8:
+        return False
+    return _reset_hwm() and _reset_took_effect()
 
 
 def _reset_took_effect() -> bool:

@@ -215,12 +215,25 @@ def test_a_card_with_more_classes_than_uint8_labels_hold_is_refused(tmp_path):
 
 # ---- 9. per-run peak memory -----------------------------------------------------------------------------
 
+def _touch_fresh_pages(nbytes: int) -> None:
+    # Fresh anonymous pages, touched, then unmapped. np.ones would go through the allocator, which on
+    # CI's machine handed back 400 MiB that were already resident: the process RSS (and so its peak)
+    # did not move, which is the truth about RSS but tests nothing.
+    import mmap
+
+    m = mmap.mmap(-1, nbytes)
+    pages = np.frombuffer(m, dtype=np.uint8)
+    pages[:: mmap.PAGESIZE] = 1
+    del pages
+    m.close()
+
+
 def test_peak_memory_is_measured_per_run(tmp_path):
     with PeakMemory("cpu") as first:
-        big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
-        del big
+        _touch_fresh_pages(400 * 2**20)
     with PeakMemory("cpu") as second:
         pass
+    assert first.rss_bytes > 400 * 2**20  # the run's pages were seen, whichever method
     if second.method.startswith("VmHWM"):
         assert first.rss_bytes - second.rss_bytes > 300 * 2**20
     else:  # pragma: no cover - non-Linux: the process peak is all there is, and the result says so
@@ -233,6 +246,7 @@ def test_a_high_water_mark_reset_that_is_ignored_is_not_reported_as_per_run(monk
 
     fake = {"VmHWM": 1855442944, "VmRSS": 1200 * 2**20}
     monkeypatch.setattr(results, "_status_kib", lambda field: fake[field])
+    monkeypatch.setattr(results, "_hwm_is_live", lambda: True)
     with PeakMemory("cpu") as stuck:
         pass
     assert stuck.method == "process ru_maxrss"
@@ -240,6 +254,30 @@ def test_a_high_water_mark_reset_that_is_ignored_is_not_reported_as_per_run(monk
     with PeakMemory("cpu") as reset:
         pass
     assert reset.method == "VmHWM since run start" and reset.rss_bytes == fake["VmHWM"]
+
+
+def test_a_high_water_mark_that_does_not_follow_new_pages_is_not_trusted(monkeypatch):
+    # A mark that sits at the RSS after the reset but never rises: the probe must catch it.
+    import bench.results as results
+
+    monkeypatch.setattr(results, "_status_kib", lambda field: 900 * 2**20)
+    monkeypatch.setattr(results, "_reset_hwm", lambda: True)
+    assert results._probe_hwm() is False
+    monkeypatch.setattr(results, "_HWM_LIVE", [])
+    with PeakMemory("cpu") as peak:
+        pass
+    assert peak.method == "process ru_maxrss"
+
+
+def test_this_kernels_high_water_mark_probe_agrees_with_a_real_allocation():
+    import bench.results as results
+
+    if not results._probe_hwm():
+        pytest.skip("this kernel's VmHWM cannot be reset or does not follow new pages")
+    assert results._reset_hwm()
+    start = results._status_kib("VmRSS")
+    _touch_fresh_pages(128 * 2**20)
+    assert results._vm_hwm() - start >= 120 * 2**20
 
 
 # ---- 10. every file checked before any work ------------------------------------------------------------
