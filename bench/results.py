@@ -13,6 +13,7 @@ its run finished: a killed run leaves none and is done again (reusing cached fea
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -215,20 +216,16 @@ def _reset_hwm() -> bool:
         return False
 
 
-_HWM_LIVE: list[bool] = []  # filled once per process by _hwm_is_live
-
-
+@functools.cache
 def _hwm_is_live() -> bool:
     """Whether this kernel's high-water mark can be reset and then follows new pages; probed once.
 
     Touches 64 MiB of fresh anonymous pages (not the allocator's, which may hand back pages that are
     already resident) between two resets, and wants the mark to rise by them and to fall back after.
-    Costs ~20 ms once per process. Two CI failures taught this: a mark that looked reset there did
-    not report a later 400 MiB allocation.
+    Costs 50-60 ms once per process (measured). Two CI failures taught this: a mark that looked reset
+    there did not report a later 400 MiB allocation.
     """
-    if not _HWM_LIVE:
-        _HWM_LIVE.append(_probe_hwm())
-    return _HWM_LIVE[0]
+    return _probe_hwm()
 
 
 def _probe_hwm(nbytes: int = 64 * 2**20) -> bool:
@@ -252,8 +249,8 @@ def _probe_hwm(nbytes: int = 64 * 2**20) -> bool:
 def _reset_took_effect() -> bool:
     """Whether the high-water mark now sits at the current RSS, so later reads are this run's peak.
 
-    Some kernels and sandboxes accept the write to ``clear_refs`` and ignore it (CI did: the mark
-    stayed at an earlier test's 1.86 GB); trusting the write alone would report another run's peak.
+    A kernel or sandbox may accept the write to ``clear_refs`` and ignore it; trusting the write
+    alone would then report an earlier run's peak as this one's.
     """
     hwm, rss = _vm_hwm(), _status_kib("VmRSS")
     if hwm is None or rss is None:
